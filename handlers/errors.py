@@ -1,0 +1,46 @@
+"""The errors a handler raises, each meaning one status; protocols render them in their own shape."""
+
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    """Base of every error that is the client's or the server's state, not a bug."""
+
+    status_code = 500
+    error_type = "server_error"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidInput(ServingError):
+    """The request is malformed or asks for something the model cannot do."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ModelNotFound(ServingError):
+    status_code = 404
+    error_type = "not_found_error"
+
+    def __init__(self, name: str) -> None:
+        # KServe's exact wording, which clients may match on.
+        super().__init__(f"Model with name {name} does not exist.")
+
+
+class UnsupportedMediaType(ServingError):
+    status_code = 415
+    error_type = "invalid_request_error"
+
+
+class Overloaded(ServingError):
+    status_code = 429
+    error_type = "overloaded_error"
+
+
+class NotReady(ServingError):
+    status_code = 503
+    error_type = "service_unavailable"

@@ -1,0 +1,70 @@
+"""fill_mask: the most likely token for each mask, or the top k tokens with scores."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AutoModelForMaskedLM
+
+from handlers.base import EncodedRows, ForwardBatch, PredictiveHandler
+from handlers.errors import InvalidInput
+from handlers.requests import PredictOptions, TaskResult, TensorSpec
+from handlers.tasks import Task
+
+
+class FillMaskHandler(PredictiveHandler):
+    task = Task.fill_mask
+    model_class = AutoModelForMaskedLM
+
+    def output_specs(self, options: PredictOptions) -> list[TensorSpec]:
+        if options.top_k is not None:
+            return [TensorSpec("output-0", "BYTES", [-1])]
+        if options.return_probabilities or options.return_raw_logits:
+            return [TensorSpec("output-0", "BYTES", [-1, -1, -1])]
+        return [TensorSpec("output-0", "BYTES", [-1])]
+
+    def warm_up(self) -> None:
+        self.predict_many([([f"warm {self.tokenizer.mask_token} up"], PredictOptions())])
+
+    def validate(self, texts: list[str], options: PredictOptions) -> None:
+        mask = self.tokenizer.mask_token
+        if mask is None:
+            raise InvalidInput("this tokenizer has no mask token, so fill_mask cannot run")
+        for index, text in enumerate(texts):
+            if mask not in text:
+                raise InvalidInput(f"input {index} has no mask token {mask}", param="inputs")
+
+    def postprocess(self, batch: ForwardBatch, rows: EncodedRows, options: PredictOptions) -> TaskResult:
+        mask_id = self.tokenizer.mask_token_id
+        predictions: list[Any] = []
+        for row in range(rows.start, rows.stop):
+            positions = (batch.encoding["input_ids"][row] == mask_id).nonzero().flatten()
+            if len(positions) == 0:
+                raise InvalidInput(
+                    f"input {row - rows.start} lost its mask token {self.tokenizer.mask_token} "
+                    f"to truncation at max_model_len={self.source.max_model_len}"
+                )
+            logits = batch.outputs[row, positions]  # [masks, vocab]
+            predictions.append(self._predict_masks(logits, options))
+        return TaskResult({"output-0": predictions}, self.token_count(batch, rows))
+
+    def _predict_masks(self, logits: torch.Tensor, options: PredictOptions) -> Any:
+        if options.top_k is not None:
+            probs = torch.softmax(logits, dim=-1)
+            k = min(options.top_k, probs.shape[-1])
+            per_mask = []
+            for mask_probs in probs:
+                scores, ids = mask_probs.topk(k)
+                per_mask.append([
+                    {"score": float(s), "token": int(i), "token_str": self.tokenizer.decode([int(i)])}
+                    for s, i in zip(scores, ids, strict=True)
+                ])
+            # One mask: a flat list, as transformers' fill-mask pipeline returns it.
+            return per_mask[0] if len(per_mask) == 1 else per_mask
+        if options.return_probabilities:
+            probs = torch.softmax(logits, dim=-1)
+            return [[{j: f"{float(p):.4f}"} for j, p in enumerate(mask_probs)] for mask_probs in probs]
+        if options.return_raw_logits:
+            return [[{j: float(v)} for j, v in enumerate(mask_logits)] for mask_logits in logits]
+        return self.tokenizer.decode(logits.argmax(dim=-1).tolist())

@@ -1,0 +1,89 @@
+"""The typed values that pass between protocols and handlers; no torch here, so protocols may import it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from handlers.arguments import ServerArguments
+from handlers.errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named input or output, described in the Open Inference Protocol's terms (-1: any size)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class RequestOptions(BaseModel):
+    """Per-request options, read from the V1/V2 `parameters` object; unset ones take the server's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    return_probabilities: bool | None = Field(None, description="Softmax probabilities (4 decimals, as KServe).")
+    return_raw_logits: bool | None = Field(None, description="Raw logits instead of the argmax.")
+    return_offsets_mapping: bool | None = Field(None, description="Add the tokens' character offsets.")
+    labels: bool = Field(False, description="Label names from the config's id2label instead of class indices.")
+    top_k: int | None = Field(None, gt=0, description="fill_mask: the k best tokens per mask with scores.")
+    aggregation_strategy: Literal["none", "simple"] = Field(
+        "none", description="token_classification: 'simple' merges tokens into entity spans."
+    )
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """Server arguments and request options merged: what one request asks for."""
+
+    return_probabilities: bool = False
+    return_raw_logits: bool = False
+    return_offsets_mapping: bool = False
+    labels: bool = False
+    top_k: int | None = None
+    aggregation_strategy: str = "none"
+
+    @classmethod
+    def merge(cls, args: ServerArguments, request: RequestOptions | None) -> PredictOptions:
+        request = request or RequestOptions()
+        probabilities = _pick(request.return_probabilities, args.return_probabilities)
+        raw_logits = _pick(request.return_raw_logits, args.return_raw_logits)
+        if request.return_probabilities and request.return_raw_logits:
+            raise InvalidInput("return_probabilities and return_raw_logits exclude each other")
+        # A request's explicit choice wins over the server default of the other kind.
+        if request.return_probabilities:
+            raw_logits = False
+        if request.return_raw_logits:
+            probabilities = False
+        return cls(
+            return_probabilities=probabilities,
+            return_raw_logits=raw_logits,
+            return_offsets_mapping=_pick(request.return_offsets_mapping, args.return_offsets_mapping),
+            labels=request.labels,
+            top_k=request.top_k,
+            aggregation_strategy=request.aggregation_strategy,
+        )
+
+
+def _pick(request_value: bool | None, server_value: bool) -> bool:
+    return server_value if request_value is None else request_value
+
+
+@dataclass
+class TaskResult:
+    """One request's answer: `outputs` maps output names to one value per input text.
+
+    "output-0" holds the KServe-shaped prediction; other names are extra outputs.
+    """
+
+    outputs: dict[str, list[Any]]
+    token_count: int
+
+    @property
+    def predictions(self) -> list[Any]:
+        return self.outputs["output-0"]
+
+

@@ -1,0 +1,98 @@
+"""Which task a model folder serves: KServe's architecture-suffix table, plus embedders it misses."""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+
+class Task(StrEnum):
+    sequence_classification = "sequence_classification"
+    token_classification = "token_classification"
+    fill_mask = "fill_mask"
+    text_embedding = "text_embedding"
+    text_generation = "text_generation"
+    text2text_generation = "text2text_generation"
+
+    @property
+    def is_generative(self) -> bool:
+        return self in (Task.text_generation, Task.text2text_generation)
+
+
+class TaskError(ValueError):
+    """The task cannot be served or inferred; the message says why."""
+
+
+# KServe's order: the first suffix that matches wins. None marks tasks KServe names but cannot serve.
+_SUFFIX_TASKS: list[tuple[str, Task | None, str]] = [
+    ("TapasForQuestionAnswering", None, "table_qa"),
+    ("ForQuestionAnswering", None, "question_answering"),
+    ("ForTokenClassification", Task.token_classification, ""),
+    ("ForSequenceClassification", Task.sequence_classification, ""),
+    ("ForMultipleChoice", None, "multiple_choice"),
+    ("ForMaskedLM", Task.fill_mask, ""),
+    ("ForCausalLM", Task.text_generation, ""),
+    ("LMHeadModel", Task.text_generation, ""),
+    ("ForConditionalGeneration", Task.text2text_generation, ""),
+    ("MTModel", Task.text2text_generation, ""),
+    ("EncoderDecoderModel", Task.text2text_generation, ""),
+]
+
+# Bare encoders (BertModel, XLMRobertaModel, ...) produce hidden states only: embeddings are what
+# they can serve. KServe demands --task for them.
+_ENCODER_MODEL_SUFFIX = "Model"
+
+
+def parse_task(name: str) -> Task:
+    try:
+        return Task(name)
+    except ValueError:
+        valid = ", ".join(t.value for t in Task)
+        raise TaskError(f"unknown task '{name}'; supported tasks: {valid}") from None
+
+
+def is_sentence_transformers_folder(model_path: Path) -> bool:
+    return (model_path / "modules.json").is_file() or (model_path / "1_Pooling" / "config.json").is_file()
+
+
+def infer_task(architectures: list[str] | None, model_path: Path | None = None) -> Task:
+    """The task for a model, from its folder layout and config.architectures[0]."""
+    if model_path is not None and is_sentence_transformers_folder(model_path):
+        return Task.text_embedding
+    if not architectures:
+        raise TaskError("Task couldn't be inferred: the config names no architectures. Set the `task` argument.")
+    architecture = architectures[0]
+    for suffix, task, unsupported_name in _SUFFIX_TASKS:
+        if architecture.endswith(suffix):
+            if task is None:
+                raise TaskError(
+                    f"{architecture} is a {unsupported_name} model, which this server does not serve. "
+                    f"Supported tasks: {', '.join(t.value for t in Task)}"
+                )
+            return task
+    if architecture.endswith(_ENCODER_MODEL_SUFFIX):
+        return Task.text_embedding
+    raise TaskError(f"Task couldn't be inferred from {architecture}. Please manually set `task` option.")
+
+
+def read_pooling_config(model_path: Path) -> dict[str, Any] | None:
+    """The sentence-transformers pooling module's config, if the folder has one."""
+    modules_file = model_path / "modules.json"
+    pooling_dir = "1_Pooling"
+    if modules_file.is_file():
+        for module in json.loads(modules_file.read_text()):
+            if module.get("type", "").endswith("Pooling"):
+                pooling_dir = module.get("path", pooling_dir)
+    config_file = model_path / pooling_dir / "config.json"
+    if not config_file.is_file():
+        return None
+    return json.loads(config_file.read_text())
+
+
+def has_normalize_module(model_path: Path) -> bool:
+    modules_file = model_path / "modules.json"
+    if not modules_file.is_file():
+        return False
+    return any(m.get("type", "").endswith("Normalize") for m in json.loads(modules_file.read_text()))
