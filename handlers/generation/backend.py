@@ -1,0 +1,218 @@
+"""The backend-neutral interface of text generation; no torch here, so protocols may import it.
+
+A backend (transformers in `transformers_backend.py`, vLLM in `vllm_backend.py`) takes a
+`GenerationRequest` (prompt token ids + `SamplingOptions`) and yields `GenerationOutput`s: one per
+engine step in which at least one of the request's n choices made progress. Protocol code turns
+requests into `GenerationRequest`s and outputs into OpenAI responses; it never sees torch.
+
+Default precedence for every sampling field (written down once, applied by the protocol layer):
+    1. the value in the request, when the client set it;
+    2. the model's generation_config.json (`GenerationBackend.sampling_defaults`: temperature,
+       top_p, top_k, repetition_penalty, max_tokens from max_new_tokens);
+    3. the OpenAI default (the field defaults of `SamplingOptions` below; completions'
+       max_tokens defaults to 16, chat's to the rest of the context).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+FinishReason = Literal["stop", "length"]
+
+# The SamplingOptions fields that a model's generation_config may supply (precedence level 2).
+GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_tokens")
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to sample one request. Defaults are OpenAI's; ranges are checked by `validate()`."""
+
+    max_tokens: int = 16
+    """Most tokens to generate per choice (>= 1). finish_reason "length" when reached."""
+    temperature: float = 1.0
+    """0 = greedy (argmax); > 0 divides the logits before softmax. Range [0, 2] in OpenAI."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability sums to top_p, (0, 1]."""
+    top_k: int = 0
+    """Keep only the k most likely tokens; 0 (or -1) = all (vLLM extra)."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p x the top token's; 0 = off (vLLM extra)."""
+    seed: int | None = None
+    """Seeds this request's own random generator; same seed + same options = same output."""
+    stop: tuple[str, ...] = ()
+    """Stop strings: generation ends before them; they are not in the text (finish_reason "stop").
+    A list is accepted and stored as a tuple."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Extra token ids that end a choice like eos does (vLLM extra)."""
+    include_stop_str_in_output: bool = False
+    """Keep the matched stop string at the end of the text (vLLM extra)."""
+    n: int = 1
+    """Number of choices generated for the prompt (each its own sequence)."""
+    presence_penalty: float = 0.0
+    """Subtracted once from the logit of every token already generated, [-2, 2]."""
+    frequency_penalty: float = 0.0
+    """Subtracted per occurrence from the logit of every token already generated, [-2, 2]."""
+    repetition_penalty: float = 1.0
+    """CTRL-style multiplicative penalty on prompt and generated tokens; 1 = off (vLLM extra)."""
+    logprobs: int | None = None
+    """None = no logprobs; k >= 0 = the chosen token's logprob plus the k most likely alternatives
+    (0 = only the chosen token's)."""
+    prompt_logprobs: int | None = None
+    """Like logprobs, for the prompt tokens (needed by completions' echo + logprobs)."""
+    echo: bool = False
+    """Completions: the response text starts with the prompt. Backends ignore it (the protocol
+    layer prepends the prompt); it is here so `unsupported()` can judge echo + logprobs."""
+    ignore_eos: bool = False
+    """Keep generating past the eos token until max_tokens (benchmarks)."""
+    min_tokens: int = 0
+    """eos and stop token ids are not allowed before this many tokens (vLLM extra)."""
+    skip_special_tokens: bool = True
+    """Leave special tokens out of the decoded text."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.stop, tuple):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if not isinstance(self.stop_token_ids, tuple):
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> str | None:
+        """The name and problem of the first out-of-range field, or None when all are valid."""
+        checks = [
+            ("max_tokens", self.max_tokens >= 1, "must be at least 1"),
+            ("temperature", self.temperature >= 0.0, "must be >= 0"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
+            ("top_k", self.top_k >= -1, "must be -1, 0 (all tokens) or positive"),
+            ("min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]"),
+            ("n", self.n >= 1, "must be at least 1"),
+            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
+            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
+            ("repetition_penalty", self.repetition_penalty > 0.0, "must be > 0"),
+            ("logprobs", self.logprobs is None or self.logprobs >= 0, "must be >= 0"),
+            ("prompt_logprobs", self.prompt_logprobs is None or self.prompt_logprobs >= 0, "must be >= 0"),
+            ("min_tokens", self.min_tokens >= 0, "must be >= 0"),
+        ]
+        for name, ok, problem in checks:
+            if not ok:
+                return f"{name} {problem}"
+        return None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt to complete n times."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt_token_ids, tuple):
+            object.__setattr__(self, "prompt_token_ids", tuple(self.prompt_token_ids))
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """One token and its log-probability."""
+
+    token_id: int
+    token: str
+    """The token decoded on its own (may be a partial character, shown with U+FFFD)."""
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """The logprob of one sampled (or prompt) token, and the most likely alternatives at its position.
+
+    Logprobs are log_softmax of the model's raw logits (before temperature, penalties, top-k/top-p),
+    as vLLM returns by default and OpenAI documents.
+    """
+
+    chosen: Logprob
+    top: tuple[Logprob, ...] = ()
+    """The `logprobs` most likely tokens, most likely first (may include the chosen one)."""
+
+
+@dataclass(frozen=True)
+class ChoiceDelta:
+    """What one of the n choices produced since its previous delta."""
+
+    index: int
+    """Which choice (0 .. n-1)."""
+    token_ids: tuple[int, ...]
+    """New token ids, stop-string tokens included (they count as generated tokens)."""
+    text: str
+    """New text; a stop string (and what follows it) is excluded, and text that might start a stop
+    string or is an incomplete character is held back until decided."""
+    logprobs: tuple[TokenLogprobs, ...] | None = None
+    """One entry per new token id when SamplingOptions.logprobs is set, else None."""
+    finish_reason: FinishReason | None = None
+    """None while running; "stop" for eos / stop string / stop token, "length" for max_tokens."""
+    stop_reason: str | int | None = None
+    """The stop string or token id that ended the choice (None for eos and length)."""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """One step's progress of a request: only choices that produced something (or finished) appear."""
+
+    request_id: str
+    prompt_token_count: int
+    choices: tuple[ChoiceDelta, ...]
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
+    """Only in the first output, when SamplingOptions.prompt_logprobs is set: one entry per prompt
+    token, None for the first (it has no context)."""
+    finished: bool = False
+    """True on the last output: every choice has a finish_reason."""
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    """What a route needs from a text-generation engine.
+
+    Life cycle: `await backend.start()` once (loads weights / starts the engine off the event loop),
+    then any number of concurrent `generate()` calls, then `await backend.stop()`.
+    """
+
+    name: str
+    """"huggingface" or "vllm"."""
+    tokenizer: PreTrainedTokenizerBase
+    """The model's tokenizer (for chat templates, prompt tokenization and usage counts)."""
+    max_model_len: int
+    """Longest prompt + generated tokens one sequence may have."""
+    sampling_defaults: Mapping[str, Any]
+    """SamplingOptions fields set by the model's generation_config (precedence level 2)."""
+
+    def unsupported(self, sampling: SamplingOptions) -> str | None:
+        """The name of an option this backend cannot honour (the route answers 400), else None."""
+        ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        """Stream the request's progress; the last output has finished=True.
+
+        An async generator: cancelling the task that iterates it (or closing it) aborts the request
+        and frees its slot within a second. Raises handlers.errors.Overloaded when the waiting queue
+        is full and InvalidInput for a request the model cannot run.
+        """
+        ...
+
+    async def start(self) -> None:
+        """Load the model and start the engine; returns when it can generate."""
+        ...
+
+    async def stop(self) -> None:
+        """Abort running requests and release the engine."""
+        ...

@@ -1,0 +1,79 @@
+"""Choosing the generation backend for a model: vLLM when it can serve it, else transformers."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+from handlers.arguments import ServerArguments
+from handlers.generation.backend import GenerationBackend
+from handlers.loading import ModelLoadError, ModelSource
+from handlers.tasks import Task
+
+logger = logging.getLogger(__name__)
+
+
+def vllm_unavailable_reason(source: ModelSource) -> str | None:
+    """Why vLLM cannot serve this model (None when it can)."""
+    if source.task == Task.text2text_generation:
+        return "encoder-decoder (text2text_generation) models are served by the transformers backend only"
+    try:
+        vllm_models = importlib.import_module("vllm.model_executor.models")
+    except Exception as error:  # ImportError, or a broken install raising anything at import time
+        return f"vllm cannot be imported ({type(error).__name__}: {error})"
+    architectures = list(getattr(source.config, "architectures", None) or [])
+    if not architectures:
+        return "the model config names no architectures"
+    registry = vllm_models.ModelRegistry
+    supported = set(registry.get_supported_archs())
+    missing = [arch for arch in architectures if arch not in supported]
+    if missing:
+        return f"vLLM's model registry has no {', '.join(missing)}"
+    return None
+
+
+def build_generation_backend(source: ModelSource, args: ServerArguments) -> GenerationBackend:
+    """The backend for a generative model, per args.backend (not started yet: `await backend.start()`).
+
+    auto: vLLM when it imports and knows every architecture of the config, else transformers.
+    vllm: vLLM or ModelLoadError naming why not. huggingface: transformers.
+    text2text_generation (T5, BART) always uses transformers.
+    """
+    if not source.task.is_generative:
+        raise ModelLoadError(f"task '{source.task.value}' is not a generation task")
+    if args.backend in ("auto", "vllm"):
+        reason = vllm_unavailable_reason(source)
+        if reason is None:
+            from handlers.generation.vllm_backend import VLLMBackend
+
+            logger.info("generation backend: vllm")
+            return VLLMBackend(source, args)
+        if args.backend == "vllm":
+            raise ModelLoadError(f"backend 'vllm' was asked for but cannot serve this model: {reason}")
+        logger.info("generation backend: huggingface (vLLM not used: %s)", reason)
+    from handlers.generation.transformers_backend import TransformersBackend
+
+    return TransformersBackend(source, args)
+
+
+def generation_config_defaults(source: ModelSource) -> dict[str, Any]:
+    """The SamplingOptions fields the model's generation_config.json sets (precedence level 2).
+
+    Only explicit values are taken: a generation_config.json with do_sample false or without the
+    file contributes nothing, as in vLLM's `generation_config="auto"`.
+    """
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(str(source.path))
+    except Exception:  # no generation_config.json (OSError) or an unreadable one
+        return {}
+    explicit = config.to_diff_dict()
+    defaults: dict[str, Any] = {}
+    for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
+        if explicit.get(key) is not None:
+            defaults[key] = explicit[key]
+    if explicit.get("max_new_tokens") is not None:
+        defaults["max_tokens"] = int(explicit["max_new_tokens"])
+    return defaults
