@@ -72,12 +72,8 @@ class ServerArguments(BaseModel):
         None, description="Comma-separated tokenizer outputs to send to a remote predictor (all when unset)."
     )
     max_batch_size: int = Field(32, gt=0, description="Most inputs the batcher puts in one forward pass.")
-    max_batch_tokens: int = Field(
-        16384, gt=0, description="Token budget of one forward pass (padded length x inputs)."
-    )
-    max_wait_ms: float = Field(
-        2.0, ge=0, description="How long the batcher waits for more inputs once one is queued."
-    )
+    max_batch_tokens: int = Field(16384, gt=0, description="Token budget of one forward pass (padded length x inputs).")
+    max_wait_ms: float = Field(2.0, ge=0, description="How long the batcher waits for more inputs once one is queued.")
     max_queue_size: int = Field(4096, gt=0, description="Queued inputs beyond which requests get 429.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
     workers: int = Field(1, gt=0, description="BentoML worker processes (KServe's --workers).")
@@ -144,7 +140,5 @@ def parse_arguments(given: Mapping[str, Any], environ: Mapping[str, str] | None 
     try:
         return ServerArguments.model_validate(merged)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'arguments'}: {e['msg']}" for e in error.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'arguments'}: {e['msg']}" for e in error.errors())
         raise ArgumentError(f"invalid argument(s): {problems}") from None

@@ -92,8 +92,9 @@ class PredictiveHandler(ABC):
     def predict_many(self, requests: list[tuple[list[str], PredictOptions]]) -> list[TaskResult | ServingError]:
         """Run several requests in one forward pass; one result per request, in order."""
         texts = [text for request_texts, _ in requests for text in request_texts]
-        need_offsets = any(options.return_offsets_mapping or options.aggregation_strategy != "none"
-                           for _, options in requests)
+        need_offsets = any(
+            options.return_offsets_mapping or options.aggregation_strategy != "none" for _, options in requests
+        )
         encoding = self.tokenizer(
             texts,
             max_length=self.source.max_model_len,
@@ -114,8 +115,15 @@ class PredictiveHandler(ABC):
             start = stop
         model_inputs = {k: v.to(self.source.device) for k, v in encoding.items()}
         assert self.model is not None, "predict before load"
+        # Rows of the padded batch run in chunks that keep within the token budget (memory bound).
+        rows_per_pass = max(1, self.args.max_batch_tokens // max(1, encoding["input_ids"].shape[1]))
         with self._lock, torch.inference_mode():
-            outputs = self.forward(model_inputs)
+            outputs = torch.cat(
+                [
+                    self.forward({k: v[i : i + rows_per_pass] for k, v in model_inputs.items()})
+                    for i in range(0, len(texts), rows_per_pass)
+                ]
+            )
         batch = ForwardBatch(encoding=dict(encoding), outputs=outputs.float().cpu(), rows=rows)
         if offsets is not None:
             batch.encoding["offset_mapping"] = offsets

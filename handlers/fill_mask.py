@@ -56,10 +56,12 @@ class FillMaskHandler(PredictiveHandler):
             per_mask = []
             for mask_probs in probs:
                 scores, ids = mask_probs.topk(k)
-                per_mask.append([
-                    {"score": float(s), "token": int(i), "token_str": self.tokenizer.decode([int(i)])}
-                    for s, i in zip(scores, ids, strict=True)
-                ])
+                per_mask.append(
+                    [
+                        {"score": float(s), "token": int(i), "token_str": self.tokenizer.decode([int(i)])}
+                        for s, i in zip(scores, ids, strict=True)
+                    ]
+                )
             # One mask: a flat list, as transformers' fill-mask pipeline returns it.
             return per_mask[0] if len(per_mask) == 1 else per_mask
         if options.return_probabilities:

@@ -84,7 +84,7 @@ def resolve_dtype(dtype: str, config: PretrainedConfig, device: torch.device) ->
     }
     if dtype != "auto":
         return named[dtype]
-    config_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    config_dtype = getattr(config, "dtype", None)
     if isinstance(config_dtype, str):
         config_dtype = named.get(config_dtype)
     if isinstance(config_dtype, torch.dtype):
@@ -100,9 +100,7 @@ def resolve_max_model_len(args: ServerArguments, config: PretrainedConfig) -> in
     if args.max_model_len is None:
         return int(limit) if limit else DEFAULT_MAX_MODEL_LEN
     if limit and args.max_model_len > limit:
-        raise ModelLoadError(
-            f"max_model_len {args.max_model_len} is longer than the model allows ({limit} positions)"
-        )
+        raise ModelLoadError(f"max_model_len {args.max_model_len} is longer than the model allows ({limit} positions)")
     return args.max_model_len
 
 

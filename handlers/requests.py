@@ -85,5 +85,3 @@ class TaskResult:
     @property
     def predictions(self) -> list[Any]:
         return self.outputs["output-0"]
-
-

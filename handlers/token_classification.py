@@ -75,13 +75,15 @@ class TokenClassificationHandler(PredictiveHandler):
             label = group[0][1]
             positions = [p for p, _, _ in group]
             start, end = int(offsets[positions[0]][0]), int(offsets[positions[-1]][1])
-            entities.append({
-                "entity_group": label,
-                "score": float(sum(s for _, _, s in group) / len(group)),
-                "word": self.tokenizer.decode([int(ids[p]) for p in positions]),
-                "start": start,
-                "end": end,
-            })
+            entities.append(
+                {
+                    "entity_group": label,
+                    "score": float(sum(s for _, _, s in group) / len(group)),
+                    "word": self.tokenizer.decode([int(ids[p]) for p in positions]),
+                    "start": start,
+                    "end": end,
+                }
+            )
             group.clear()
 
         for position in range(logits.shape[0]):

@@ -1,0 +1,103 @@
+"""One served predictive model: its handler, its batcher and whether it is ready yet.
+
+Start-up reads the config and tokenizer at once (a bad model fails the start with its reason),
+then loads weights on a background thread, so health routes answer 503 instead of hanging.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from handlers.arguments import ServerArguments
+from handlers.base import PredictiveHandler
+from handlers.batcher import MicroBatcher
+from handlers.errors import InvalidInput, NotReady, ServingError
+from handlers.loading import ModelSource, inspect_model
+from handlers.registry import handler_class_for
+from handlers.requests import PredictOptions, RequestOptions, TaskResult
+
+logger = logging.getLogger(__name__)
+
+Work = tuple[list[str], PredictOptions]
+
+
+class PredictiveRuntime:
+    def __init__(self, args: ServerArguments, source: ModelSource | None = None) -> None:
+        self.args = args
+        self.source = source or inspect_model(args)
+        self.handler: PredictiveHandler = handler_class_for(self.source.task)(self.source, args)
+        self.load_error: str | None = None
+        self._ready = threading.Event()
+        self._batcher: MicroBatcher[Work, TaskResult] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def start_loading(self) -> threading.Thread:
+        thread = threading.Thread(target=self._load, name="model-loader", daemon=True)
+        thread.start()
+        return thread
+
+    def load(self) -> None:
+        """Load weights, warm up and start batching, on the calling thread."""
+        started = time.perf_counter()
+        self.handler.load()
+        self.handler.warm_up()
+        self._batcher = MicroBatcher(
+            self.handler.predict_many,
+            max_batch_size=self.args.max_batch_size,
+            max_wait_s=self.args.max_wait_ms / 1000,
+            max_queue_size=self.args.max_queue_size,
+            name=f"batcher-{self.args.model_name}",
+        )
+        self._ready.set()
+        logger.info(
+            "model '%s' (%s) ready in %.1f s",
+            self.args.model_name,
+            self.source.task.value,
+            time.perf_counter() - started,
+        )
+
+    def _load(self) -> None:
+        try:
+            self.load()
+        except Exception as error:  # any failure must be reported, not end the thread silently
+            self.load_error = f"{type(error).__name__}: {error}"
+            logger.exception("model '%s' failed to load", self.args.model_name)
+
+    def not_ready_error(self) -> NotReady:
+        if self.load_error:
+            return NotReady(f"model '{self.args.model_name}' failed to load: {self.load_error}")
+        return NotReady(f"model '{self.args.model_name}' is still loading; retry shortly")
+
+    def options_for(self, request: RequestOptions | None) -> PredictOptions:
+        options = PredictOptions.merge(self.args, request)
+        if options.top_k is not None and self.source.task.value != "fill_mask":
+            raise InvalidInput("top_k applies to fill_mask models only", param="top_k")
+        if options.aggregation_strategy != "none" and self.source.task.value != "token_classification":
+            raise InvalidInput("aggregation_strategy applies to token_classification models only")
+        return options
+
+    async def predict(self, texts: list[str], options: PredictOptions) -> TaskResult:
+        if self._batcher is None or not self.ready:
+            raise self.not_ready_error()
+        self.handler.validate(texts, options)
+        if len(texts) > self.args.max_batch_size * 64:
+            raise InvalidInput(
+                f"{len(texts)} inputs in one request is too many; send at most {self.args.max_batch_size * 64}"
+            )
+        self._log_request(texts)
+        result = await self._batcher.submit((texts, options), size=len(texts))
+        if isinstance(result, ServingError):
+            raise result
+        return result
+
+    def _log_request(self, texts: list[str]) -> None:
+        if self.args.disable_log_requests or not logger.isEnabledFor(logging.INFO):
+            return
+        limit = self.args.max_log_len
+        shown = [text if limit is None else text[:limit] for text in texts]
+        logger.info("request to '%s': %d input(s) %r", self.args.model_name, len(texts), shown)

@@ -1,0 +1,1 @@
+"""KServe's container entry point, `python -m huggingfaceserver --model_name=... --model_id=...`."""

@@ -1,0 +1,62 @@
+"""Start the BentoML service from KServe's command line, so a KServe container command ports unchanged.
+
+`python -m huggingfaceserver --model_name=m --model_id=org/name --http_port=8080 --return_probabilities`
+becomes `bentoml serve service:HuggingFaceService --port 8080 --arg model_name=m ...`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from handlers.arguments import ArgumentError, parse_arguments
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+# KServe server flags and what they become; None: accepted for compatibility, nothing to do.
+_SERVER_FLAGS = {"http_port": "--port", "grpc_port": None, "enable_docs_url": None, "max_threads": None}
+
+
+def kserve_to_bentoml(argv: list[str]) -> list[str]:
+    """The `bentoml serve` arguments for KServe-style flags; ArgumentError names any unknown flag."""
+    given: dict[str, str] = {}
+    serve_options: list[str] = []
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        index += 1
+        if not token.startswith("--"):
+            raise ArgumentError(f"unexpected argument '{token}'; flags look like --model_name=NAME")
+        name, has_value, value = token[2:].partition("=")
+        name = name.replace("-", "_")
+        if not has_value:
+            # `--flag value` or a bare boolean `--flag`, as KServe's argparse accepts.
+            if index < len(argv) and not argv[index].startswith("--"):
+                value = argv[index]
+                index += 1
+            else:
+                value = "true"
+        if name in _SERVER_FLAGS:
+            if _SERVER_FLAGS[name]:
+                serve_options += [_SERVER_FLAGS[name], value]
+            continue
+        given[name] = value
+    # Fails here, before BentoML starts, with the names of unknown or contradictory flags.
+    parse_arguments(given)
+    command = ["serve", "service:HuggingFaceService", *serve_options]
+    for name, value in given.items():
+        command += ["--arg", f"{name}={value}"]
+    return command
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        command = kserve_to_bentoml(sys.argv[1:] if argv is None else argv)
+    except ArgumentError as error:
+        sys.exit(f"huggingfaceserver: {error}")
+    os.chdir(PROJECT_DIR)
+    os.execv(sys.executable, [sys.executable, "-m", "bentoml", *command])
+
+
+if __name__ == "__main__":
+    main()

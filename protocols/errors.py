@@ -1,0 +1,39 @@
+"""Rendering handler errors in each protocol's shape, and short messages from validation errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from handlers.errors import InvalidInput, ServingError
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per problem, each naming the field path, e.g. `instances.1: Input should be a valid string`."""
+    problems = []
+    for item in error.errors(include_url=False):
+        where = ".".join(str(part) for part in item["loc"])
+        problems.append(f"{where}: {item['msg']}" if where else item["msg"])
+    return "; ".join(problems)
+
+
+def invalid_from_validation(error: ValidationError, what: str) -> InvalidInput:
+    return InvalidInput(f"invalid {what}: {describe_validation_error(error)}")
+
+
+def kserve_error_body(error: ServingError) -> dict[str, Any]:
+    """KServe's V1/V2 error body: {"error": "message"}."""
+    return {"error": error.message}
+
+
+def openai_error_body(error: ServingError) -> dict[str, Any]:
+    """OpenAI's error body, which the openai client turns into typed exceptions."""
+    return {
+        "error": {
+            "message": error.message,
+            "type": error.error_type,
+            "param": error.param,
+            "code": error.status_code,
+        }
+    }

@@ -1,0 +1,214 @@
+"""The BentoML service: routes that parse the wire format, call the model's runtime, and format.
+
+Serve with `bentoml serve service:HuggingFaceService --arg model_dir=PATH ...` (see README.md).
+Routes never touch torch: predictive work goes through the runtime's batcher thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import bentoml
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from handlers.arguments import parse_arguments
+from handlers.errors import InvalidInput, ModelNotFound, ServingError, UnsupportedMediaType
+from handlers.requests import PredictOptions, TaskResult
+from handlers.runtime import PredictiveRuntime
+from handlers.tasks import Task
+from protocols import openai_embeddings, v1, v2, v2_binary
+from protocols.errors import kserve_error_body, openai_error_body
+
+logger = logging.getLogger("hf_bentoml_server")
+
+SERVER_NAME = "hf-bentoml-server"
+OPENAI_PREFIX = "/openai"
+ARGS = parse_arguments(vars(bentoml.use_arguments()))
+
+try:
+    SERVER_VERSION = version(SERVER_NAME)
+except PackageNotFoundError:
+    SERVER_VERSION = "0.1.0"
+
+# KServe's metric names and label, so existing dashboards keep working.
+_STAGE_SECONDS = {
+    stage: bentoml.metrics.Histogram(
+        name=f"request_{stage}_seconds",
+        documentation=f"Time spent in the {stage} stage of a request",
+        labelnames=["model_name"],
+    )
+    for stage in ("preprocess", "predict", "postprocess")
+}
+
+# Content types a body may carry. curl's -d default (form-urlencoded) is accepted as KServe does.
+_JSON_TYPES = {"", "application/json", "application/x-www-form-urlencoded", "text/plain"}
+
+app = FastAPI(title="Hugging Face model server", version=SERVER_VERSION)
+
+
+@app.exception_handler(ServingError)
+async def _serving_error(request: Request, error: ServingError) -> JSONResponse:
+    openai_route = request.url.path.startswith(OPENAI_PREFIX)
+    body = openai_error_body(error) if openai_route else kserve_error_body(error)
+    if error.status_code >= 500:
+        logger.warning("%s %s -> %d: %s", request.method, request.url.path, error.status_code, error.message)
+    return JSONResponse(body, status_code=error.status_code)
+
+
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _require_json(request: Request) -> None:
+    kind = _content_type(request)
+    if kind not in _JSON_TYPES and not kind.endswith("+json"):
+        raise UnsupportedMediaType(f"Content-Type '{kind}' is not supported here; send application/json")
+
+
+class _Timer:
+    """Observes one stage's duration in KServe's per-model histograms."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+
+    async def run(self, stage: str, work: Callable[[], Awaitable[TaskResult]]) -> TaskResult:
+        started = time.perf_counter()
+        try:
+            return await work()
+        finally:
+            _STAGE_SECONDS[stage].labels(model_name=self.model_name).observe(time.perf_counter() - started)
+
+    def observe(self, stage: str, started: float) -> None:
+        _STAGE_SECONDS[stage].labels(model_name=self.model_name).observe(time.perf_counter() - started)
+
+
+@bentoml.service(name="huggingface-service", workers=ARGS.workers, traffic={"timeout": 600})
+@bentoml.asgi_app(app, path="/")
+class HuggingFaceService:
+    """Serves one Hugging Face model over KServe V1, Open Inference Protocol V2 and OpenAI routes."""
+
+    def __init__(self) -> None:
+        self.args = ARGS
+        self.runtime = PredictiveRuntime(ARGS)
+        self.timer = _Timer(ARGS.model_name)
+        self.runtime.start_loading()
+
+    def __is_ready__(self) -> bool:
+        return self.runtime.ready
+
+    # --- shared steps ---
+
+    def _check_name(self, name: str) -> None:
+        if name != self.args.model_name:
+            raise ModelNotFound(name)
+
+    async def _predict(self, texts: list[str], options: PredictOptions) -> TaskResult:
+        return await self.timer.run("predict", lambda: self.runtime.predict(texts, options))
+
+    # --- KServe root and V1 ---
+
+    @app.get("/")
+    async def root(self) -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/v1/models")
+    async def v1_models(self) -> dict[str, Any]:
+        return v1.models_response([self.args.model_name])
+
+    @app.get("/v1/models/{name}")
+    async def v1_model_status(self, name: str) -> JSONResponse:
+        self._check_name(name)
+        if not self.runtime.ready:
+            raise self.runtime.not_ready_error()
+        return JSONResponse(v1.model_status_response(name, True))
+
+    @app.post("/v1/models/{name}:predict")
+    async def v1_predict(self, name: str, request: Request) -> Response:
+        self._check_name(name)
+        _require_json(request)
+        started = time.perf_counter()
+        texts, request_options = v1.parse_predict_request(await request.body())
+        options = self.runtime.options_for(request_options)
+        self.timer.observe("preprocess", started)
+        result = await self._predict(texts, options)
+        started = time.perf_counter()
+        response = JSONResponse(v1.predict_response(result))
+        self.timer.observe("postprocess", started)
+        return response
+
+    # --- Open Inference Protocol (V2) ---
+
+    @app.get("/v2")
+    async def v2_server_metadata(self) -> dict[str, Any]:
+        return v2.server_metadata(SERVER_NAME, SERVER_VERSION)
+
+    @app.get("/v2/health/live")
+    async def v2_live(self) -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def v2_ready(self) -> JSONResponse:
+        ready = self.runtime.ready
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{model_version}")
+    async def v2_model_metadata(self, name: str, model_version: str | None = None) -> dict[str, Any]:
+        self._check_name(name)
+        handler = self.runtime.handler
+        options = PredictOptions.merge(self.args, None)
+        return v2.model_metadata(name, "huggingface", handler.input_specs(), handler.output_specs(options))
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{model_version}/ready")
+    async def v2_model_ready(self, name: str, model_version: str | None = None) -> JSONResponse:
+        self._check_name(name)
+        ready = self.runtime.ready
+        return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
+
+    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/versions/{model_version}/infer")
+    async def v2_infer(self, name: str, request: Request, model_version: str | None = None) -> Response:
+        self._check_name(name)
+        kind = _content_type(request)
+        if kind != v2_binary.CONTENT_TYPE:
+            _require_json(request)
+        started = time.perf_counter()
+        parsed = v2.parse_infer_request(await request.body(), kind, request.headers.get(v2_binary.HEADER_LENGTH))
+        options = self.runtime.options_for(parsed.options)
+        specs = self.runtime.handler.output_specs(options)
+        v2.select_outputs(specs, parsed.requested_outputs)  # unknown output names fail before the model runs
+        self.timer.observe("preprocess", started)
+        result = await self._predict(parsed.texts, options)
+        started = time.perf_counter()
+        body, content_type, header_length = v2.infer_response(name, parsed, result, specs)
+        headers = {v2_binary.HEADER_LENGTH: str(header_length)} if header_length is not None else None
+        self.timer.observe("postprocess", started)
+        return Response(body, media_type=content_type, headers=headers)
+
+    # --- OpenAI ---
+
+    @app.get(OPENAI_PREFIX + "/v1/models")
+    async def openai_models(self) -> dict[str, Any]:
+        return openai_embeddings.models_response([self.args.model_name])
+
+    @app.post(OPENAI_PREFIX + "/v1/embeddings")
+    async def openai_embeddings(self, request: Request) -> JSONResponse:
+        _require_json(request)
+        if self.runtime.source.task != Task.text_embedding:
+            raise InvalidInput(
+                f"model '{self.args.model_name}' serves {self.runtime.source.task.value}; "
+                "embeddings need a text_embedding model"
+            )
+        texts, embedding_request = openai_embeddings.parse_embedding_request(
+            await request.body(), self.runtime.handler.source.config.hidden_size
+        )
+        if embedding_request.model not in (None, self.args.model_name):
+            raise ModelNotFound(embedding_request.model)
+        result = await self._predict(texts, self.runtime.options_for(None))
+        return JSONResponse(openai_embeddings.embedding_response(embedding_request, self.args.model_name, result))
