@@ -77,6 +77,16 @@ class ServerArguments(BaseModel):
     max_queue_size: int = Field(4096, gt=0, description="Queued inputs beyond which requests get 429.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
     workers: int = Field(1, gt=0, description="BentoML worker processes (KServe's --workers).")
+    gpus: int = Field(
+        0,
+        ge=0,
+        description="GPUs the service asks for (BentoML resources, e.g. --arg gpus=2); vLLM's "
+        "tensor_parallel_size defaults to it. 0: CPU only, or whatever GPU the container sees.",
+    )
+    gpu_type: str | None = Field(
+        None,
+        description="GPU kind for BentoML resources and BentoCloud scheduling (e.g. nvidia-l4); any kind when unset.",
+    )
 
     @model_validator(mode="after")
     def _check_consistency(self) -> ServerArguments:
