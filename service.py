@@ -6,8 +6,10 @@ Routes never touch torch: predictive work goes through the runtime's batcher thr
 
 from __future__ import annotations
 
+import gzip
 import logging
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -68,6 +70,20 @@ def _require_json(request: Request) -> None:
     kind = _content_type(request)
     if kind not in _JSON_TYPES and not kind.endswith("+json"):
         raise UnsupportedMediaType(f"Content-Type '{kind}' is not supported here; send application/json")
+
+
+def _decompress(body: bytes, encoding: str) -> bytes:
+    """tritonclient may compress request bodies (request_compression_algorithm)."""
+    try:
+        if encoding == "gzip":
+            return gzip.decompress(body)
+        if encoding == "deflate":
+            return zlib.decompress(body)
+    except (OSError, zlib.error) as error:
+        raise InvalidInput(f"the body is not valid {encoding} data: {error}") from None
+    if encoding not in ("", "identity"):
+        raise UnsupportedMediaType(f"Content-Encoding '{encoding}' is not supported; use gzip, deflate or none")
+    return body
 
 
 class _Timer:
@@ -176,10 +192,12 @@ class HuggingFaceService:
     async def v2_infer(self, name: str, request: Request, model_version: str | None = None) -> Response:
         self._check_name(name)
         kind = _content_type(request)
-        if kind != v2_binary.CONTENT_TYPE:
+        header_length = request.headers.get(v2_binary.HEADER_LENGTH)
+        if kind != v2_binary.CONTENT_TYPE and header_length is None:
             _require_json(request)
         started = time.perf_counter()
-        parsed = v2.parse_infer_request(await request.body(), kind, request.headers.get(v2_binary.HEADER_LENGTH))
+        body = _decompress(await request.body(), request.headers.get("content-encoding", ""))
+        parsed = v2.parse_infer_request(body, kind, header_length)
         options = self.runtime.options_for(parsed.options)
         specs = self.runtime.handler.output_specs(options)
         v2.select_outputs(specs, parsed.requested_outputs)  # unknown output names fail before the model runs

@@ -58,7 +58,8 @@ class ParsedInfer:
 
 def parse_infer_request(body: bytes, content_type: str, header_length: str | None) -> ParsedInfer:
     binary_tail = b""
-    if content_type == v2_binary.CONTENT_TYPE:
+    # tritonclient sends the length header without a content type; either marks a binary message.
+    if header_length is not None or content_type == v2_binary.CONTENT_TYPE:
         header, binary_tail = v2_binary.split_message(body, header_length)
         try:
             request = InferenceRequest.model_validate(header)
