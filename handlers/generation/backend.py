@@ -8,7 +8,7 @@ requests into `GenerationRequest`s and outputs into OpenAI responses; it never s
 Default precedence for every sampling field (written down once, applied by the protocol layer):
     1. the value in the request, when the client set it;
     2. the model's generation_config.json (`GenerationBackend.sampling_defaults`: temperature,
-       top_p, top_k, repetition_penalty, max_tokens from max_new_tokens);
+       top_p, top_k, min_p, repetition_penalty, max_tokens from max_new_tokens);
     3. the OpenAI default (the field defaults of `SamplingOptions` below; completions'
        max_tokens defaults to 16, chat's to the rest of the context).
 """
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 FinishReason = Literal["stop", "length"]
 
 # The SamplingOptions fields that a model's generation_config may supply (precedence level 2).
-GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_tokens")
+GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens")
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 from typing import Any
 
@@ -60,20 +61,20 @@ def build_generation_backend(source: ModelSource, args: ServerArguments) -> Gene
 def generation_config_defaults(source: ModelSource) -> dict[str, Any]:
     """The SamplingOptions fields the model's generation_config.json sets (precedence level 2).
 
-    Only explicit values are taken: a generation_config.json with do_sample false or without the
-    file contributes nothing, as in vLLM's `generation_config="auto"`.
+    Read from the file itself, as vLLM's `generation_config="auto"` does: only keys written there
+    count (transformers' GenerationConfig would add its own defaults, e.g. top_k 50).
     """
-    from transformers import GenerationConfig
-
+    path = source.path / "generation_config.json"
     try:
-        config = GenerationConfig.from_pretrained(str(source.path))
-    except Exception:  # no generation_config.json (OSError) or an unreadable one
+        explicit = json.loads(path.read_text())
+    except (OSError, ValueError):
         return {}
-    explicit = config.to_diff_dict()
+    if not isinstance(explicit, dict):
+        return {}
     defaults: dict[str, Any] = {}
-    for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
-        if explicit.get(key) is not None:
+    for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+        if isinstance(explicit.get(key), int | float) and not isinstance(explicit.get(key), bool):
             defaults[key] = explicit[key]
-    if explicit.get("max_new_tokens") is not None:
-        defaults["max_tokens"] = int(explicit["max_new_tokens"])
+    if isinstance(explicit.get("max_new_tokens"), int):
+        defaults["max_tokens"] = explicit["max_new_tokens"]
     return defaults
