@@ -103,7 +103,19 @@ class _Timer:
         _STAGE_SECONDS[stage].labels(model_name=self.model_name).observe(time.perf_counter() - started)
 
 
-@bentoml.service(name="huggingface-service", workers=ARGS.workers, traffic={"timeout": 600})
+def _resources() -> dict[str, Any]:
+    """BentoML resources from the arguments: GPUs only when asked for, so a plain start serves on CPU."""
+    if ARGS.gpus == 0:
+        return {}
+    return {"gpu": ARGS.gpus, **({"gpu_type": ARGS.gpu_type} if ARGS.gpu_type else {})}
+
+
+@bentoml.service(
+    name="huggingface-service",
+    workers=ARGS.workers,
+    resources=_resources(),
+    traffic={"timeout": 600},
+)
 @bentoml.asgi_app(app, path="/")
 class HuggingFaceService:
     """Serves one Hugging Face model over KServe V1, Open Inference Protocol V2 and OpenAI routes."""

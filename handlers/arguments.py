@@ -68,9 +68,6 @@ class ServerArguments(BaseModel):
     )
     disable_log_requests: bool = Field(False, description="Do not log request inputs.")
     max_log_len: int | None = Field(None, ge=0, description="Characters of each input to log; all when unset.")
-    tensor_input_names: str | None = Field(
-        None, description="Comma-separated tokenizer outputs to send to a remote predictor (all when unset)."
-    )
     max_batch_size: int = Field(32, gt=0, description="Most inputs the batcher puts in one forward pass.")
     max_batch_tokens: int = Field(16384, gt=0, description="Token budget of one forward pass (padded length x inputs).")
     max_wait_ms: float = Field(2.0, ge=0, description="How long the batcher waits for more inputs once one is queued.")
