@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import sys
 import time
 import zlib
 from collections.abc import Awaitable, Callable
@@ -18,11 +19,12 @@ import bentoml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from handlers.arguments import parse_arguments
+from handlers.arguments import ArgumentError, ServerArguments, parse_arguments
 from handlers.errors import InvalidInput, ModelNotFound, ServingError, UnsupportedMediaType
+from handlers.loading import ModelLoadError, ModelSource, inspect_model
 from handlers.requests import PredictOptions, TaskResult
 from handlers.runtime import PredictiveRuntime
-from handlers.tasks import Task
+from handlers.tasks import Task, TaskError
 from protocols import openai_embeddings, v1, v2, v2_binary
 from protocols.errors import kserve_error_body, openai_error_body
 
@@ -30,7 +32,20 @@ logger = logging.getLogger("hf_bentoml_server")
 
 SERVER_NAME = "hf-bentoml-server"
 OPENAI_PREFIX = "/openai"
-ARGS = parse_arguments(vars(bentoml.use_arguments()))
+
+
+def _settle_model() -> tuple[ServerArguments, ModelSource]:
+    """Arguments and model, read when `bentoml serve` imports the service: a wrong name, folder, config,
+    task or tokenizer stops the start with its reason instead of a worker that restarts forever."""
+    try:
+        args = parse_arguments(vars(bentoml.use_arguments()))
+        return args, inspect_model(args)
+    except (ArgumentError, ModelLoadError, TaskError) as error:
+        print(f"hf-bentoml-server cannot start: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+ARGS, SOURCE = _settle_model()
 
 try:
     SERVER_VERSION = version(SERVER_NAME)
@@ -122,7 +137,7 @@ class HuggingFaceService:
 
     def __init__(self) -> None:
         self.args = ARGS
-        self.runtime = PredictiveRuntime(ARGS)
+        self.runtime = PredictiveRuntime(ARGS, SOURCE)
         self.timer = _Timer(ARGS.model_name)
         self.runtime.start_loading()
 

@@ -23,14 +23,25 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, args: dict[str, str], log_path: Path, command: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        args: dict[str, str],
+        log_path: Path,
+        command: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        serve_options: list[str] | None = None,
+    ) -> None:
+        """`bentoml serve` with `--arg` flags and `serve_options`; or `command`, given the port as `--http_port`."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        arg_flags = [flag for name, value in args.items() for flag in ("--arg", f"{name}={value}")]
-        self.command = command or [BENTOML, "serve", "service:HuggingFaceService", "--host", "127.0.0.1"]
-        self.command = [*self.command, "--port", str(self.port), *arg_flags]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "BENTOML_DO_NOT_TRACK": "true"}
+        if command is None:
+            arg_flags = [flag for name, value in args.items() for flag in ("--arg", f"{name}={value}")]
+            base = [BENTOML, "serve", "service:HuggingFaceService", "--host", "127.0.0.1"]
+            self.command = [*base, "--port", str(self.port), *arg_flags, *(serve_options or [])]
+        else:
+            self.command = [*command, f"--http_port={self.port}"]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "BENTOML_DO_NOT_TRACK": "true", **(env or {})}
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             self.command, cwd=PROJECT_DIR, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True

@@ -1,0 +1,93 @@
+"""Starting the server: arguments from --arg, --arg-file, the environment and KServe's command line;
+start-up failures that name their cause; readiness before the model is loaded."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from handlers.arguments import parse_arguments
+from handlers.errors import NotReady
+from handlers.requests import PredictOptions
+from handlers.runtime import PredictiveRuntime
+from huggingfaceserver.__main__ import kserve_to_bentoml
+from tests.server_process import BENTOML, PROJECT_DIR, ServerProcess
+
+
+def run_to_exit(command: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120)
+
+
+def test_unknown_argument_stops_the_start_naming_it():
+    done = run_to_exit([BENTOML, "serve", "service:HuggingFaceService", "--arg", "model_nme=x"])
+    assert done.returncode != 0
+    assert "'model_nme' (did you mean 'model_name'?)" in done.stdout + done.stderr
+
+
+def test_missing_model_folder_stops_the_start_with_its_reason():
+    done = run_to_exit([BENTOML, "serve", "service:HuggingFaceService", "--arg", "model_dir=/nonexistent/model"])
+    assert done.returncode == 2
+    assert "model_dir '/nonexistent/model' is not a folder" in done.stderr
+
+
+def test_kserve_command_line_rejects_unknown_flags():
+    done = run_to_exit([sys.executable, "-m", "huggingfaceserver", "--model_name=x", "--retrun_probabilities"])
+    assert done.returncode != 0 and "did you mean 'return_probabilities'" in done.stderr
+
+
+def test_kserve_flags_translate_to_bentoml_serve():
+    command = kserve_to_bentoml(["--model_name=m", "--http_port", "8080", "--return_probabilities", "--max_length=64"])
+    assert command == [
+        "serve", "service:HuggingFaceService", "--port", "8080",
+        "--arg", "model_name=m", "--arg", "return_probabilities=true", "--arg", "max_length=64",
+    ]  # fmt: skip
+
+
+def test_kserve_command_line_arg_file_and_environment_serve(tiny_models, tmp_path):
+    model = str(tiny_models["sequence_classification"])
+    arg_file = tmp_path / "sst.yaml"
+    arg_file.write_text(yaml.safe_dump({"model_dir": model, "model_name": "from-file"}))
+    kserve_command = [sys.executable, "-m", "huggingfaceserver", "--model_name=from-kserve", f"--model_dir={model}"]
+    servers = {
+        "from-kserve": ServerProcess({}, tmp_path / "kserve.log", command=kserve_command),
+        "from-file": ServerProcess({}, tmp_path / "file.log", serve_options=["--arg-file", str(arg_file)]),
+        "from-env": ServerProcess(
+            {}, tmp_path / "env.log", env={"HF_SERVE_MODEL_NAME": "from-env", "HF_SERVE_MODEL_DIR": model}
+        ),
+    }
+    try:
+        for name, server in servers.items():
+            server.wait_ready()
+            assert httpx.get(f"{server.url}/v1/models").json() == {"models": [name]}
+            response = httpx.post(f"{server.url}/v1/models/{name}:predict", json={"instances": ["hello"]})
+            assert response.status_code == 200 and isinstance(response.json()["predictions"][0], int)
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def test_predict_before_the_model_is_loaded_is_503(tiny_models):
+    args = parse_arguments({"model_dir": str(tiny_models["sequence_classification"])}, environ={})
+    runtime = PredictiveRuntime(args)
+    assert not runtime.ready
+    with pytest.raises(NotReady) as raised:
+        asyncio.run(runtime.predict(["hello"], PredictOptions()))
+    assert raised.value.status_code == 503 and "still loading" in raised.value.message
+    runtime.load()
+    assert runtime.ready
+    result = asyncio.run(runtime.predict(["hello"], PredictOptions()))
+    assert isinstance(result.predictions[0], int)
+
+
+def test_every_argument_is_documented_in_the_readme():
+    from handlers.arguments import argument_names
+
+    readme = (Path(PROJECT_DIR) / "README.md").read_text()
+    missing = [name for name in sorted(argument_names()) if f"`{name}`" not in readme]
+    assert not missing, f"arguments missing from README.md: {missing}"
