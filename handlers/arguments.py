@@ -3,12 +3,17 @@
 Values come from, lowest precedence first: the field defaults, environment variables
 (`HF_SERVE_<NAME>`, e.g. `HF_SERVE_MODEL_ID`, for one image that serves any model),
 then `bentoml serve --arg-file` / `--arg NAME=VALUE`. Unknown names stop the start with a
-message naming them and the closest valid name (KServe ignores them silently).
+message naming them and the closest valid name (KServe ignores them silently). Names of vLLM
+engine arguments (fields of vllm's AsyncEngineArgs, e.g. max_num_seqs) are passed through to the
+vLLM engine in `ServerArguments.engine_args`, values as given.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
+import importlib.util
 import os
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -26,6 +31,39 @@ ENV_PREFIX = "HF_SERVE_"
 
 Dtype = Literal["auto", "float16", "bfloat16", "float32", "float", "half"]
 Backend = Literal["auto", "huggingface", "vllm"]
+
+
+# vLLM engine arguments accepted when vllm itself cannot be imported (to check names against).
+COMMON_ENGINE_ARGS = frozenset(
+    {
+        "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "gpu_memory_utilization",
+        "max_num_seqs", "max_num_batched_tokens", "enforce_eager", "quantization", "kv_cache_dtype",
+        "block_size", "enable_prefix_caching", "enable_chunked_prefill", "seed", "max_logprobs",
+        "logprobs_mode", "load_format", "download_dir", "tokenizer_mode", "distributed_executor_backend",
+        "cpu_offload_gb", "kv_cache_memory_bytes", "swap_space", "enable_lora", "max_loras", "max_lora_rank",
+        "speculative_config", "compilation_config", "hf_overrides", "override_generation_config",
+        "generation_config", "disable_log_stats", "enable_log_requests", "async_scheduling", "served_model_name",
+    }
+)  # fmt: skip
+# AsyncEngineArgs fields the server sets itself, and the server argument to use instead.
+_RESERVED_ENGINE_ARGS = {"model": "model_id", "tokenizer": "model_dir", "revision": "model_revision"}
+
+
+@functools.cache
+def engine_argument_names() -> frozenset[str]:
+    """Names that go to the vLLM engine: vllm's AsyncEngineArgs fields, or COMMON_ENGINE_ARGS without vllm.
+
+    vllm is imported only here, and only when some name is not a server argument (it takes seconds).
+    """
+    names: frozenset[str] = COMMON_ENGINE_ARGS
+    if importlib.util.find_spec("vllm") is not None:
+        try:
+            from vllm.engine.arg_utils import AsyncEngineArgs
+
+            names = frozenset(field.name for field in dataclasses.fields(AsyncEngineArgs))
+        except Exception:  # a broken vllm install raises anything at import time
+            pass
+    return frozenset(name for name in names if not name.startswith("_") and name not in _RESERVED_ENGINE_ARGS)
 
 
 class ArgumentError(ValueError):
@@ -84,6 +122,10 @@ class ServerArguments(BaseModel):
         None,
         description="GPU kind for BentoML resources and BentoCloud scheduling (e.g. nvidia-l4); any kind when unset.",
     )
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vLLM engine arguments given by their own names (e.g. --arg max_num_seqs=64), values as given.",
+    )
 
     @model_validator(mode="after")
     def _check_consistency(self) -> ServerArguments:
@@ -122,11 +164,20 @@ def arguments_from_env(environ: Mapping[str, str]) -> dict[str, str]:
 
 def _unknown_names_message(unknown: list[str]) -> str:
     valid = sorted(argument_names())
+    engine = sorted(engine_argument_names())
     parts = []
     for name in unknown:
-        close = difflib.get_close_matches(name, valid, n=1)
+        close = [_RESERVED_ENGINE_ARGS[name]] if name in _RESERVED_ENGINE_ARGS else []
+        close = close or difflib.get_close_matches(name, valid + engine, n=1)
         parts.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-    return "unknown argument(s): " + ", ".join(parts) + ". Valid arguments: " + ", ".join(valid)
+    return (
+        "unknown argument(s): "
+        + ", ".join(parts)
+        + ". Valid arguments: "
+        + ", ".join(valid)
+        + ", and vLLM engine arguments such as "
+        + ", ".join(name for name in engine if name in COMMON_ENGINE_ARGS)
+    )
 
 
 def parse_arguments(given: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> ServerArguments:
@@ -141,9 +192,14 @@ def parse_arguments(given: Mapping[str, Any], environ: Mapping[str, str] | None 
                     merged.pop(str(choice), None)
                 merged.pop(canonical, None)
         merged[name] = value
-    unknown = [name for name in merged if name not in argument_names()]
-    if unknown:
-        raise ArgumentError(_unknown_names_message(unknown))
+    others = [name for name in merged if name not in argument_names()]
+    if others:
+        unknown = [name for name in others if name not in engine_argument_names()]
+        if unknown:
+            raise ArgumentError(_unknown_names_message(unknown))
+        explicit = merged.get("engine_args")
+        if explicit is None or isinstance(explicit, Mapping):  # anything else is left to the validation below
+            merged["engine_args"] = {**(explicit or {}), **{name: merged.pop(name) for name in others}}
     try:
         return ServerArguments.model_validate(merged)
     except ValidationError as error:
