@@ -12,16 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from handlers.arguments import argument_names, parse_arguments
+from handlers.arguments import argument_names, engine_argument_names, parse_arguments
 from handlers.tasks import Task, infer_task
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 ARCHITECTURE_COMMENT = re.compile(r"^#\s*architecture:\s*(\S+)\s*$", re.MULTILINE)
-
-# vLLM engine arguments the configs may carry before the server declares them; the ones the server
-# already knows are validated like any other argument.
-VLLM_ENGINE_ARGS = {"tensor_parallel_size", "gpu_memory_utilization", "max_num_seqs", "enforce_eager", "quantization"}
 
 
 def _load(path: Path) -> dict:
@@ -43,15 +39,16 @@ def test_one_config_per_task() -> None:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_keys_are_arguments(path: Path) -> None:
-    unknown = set(_load(path)) - argument_names() - VLLM_ENGINE_ARGS
-    assert not unknown, f"{path.name}: not server arguments: {sorted(unknown)}"
+    unknown = set(_load(path)) - argument_names() - engine_argument_names()
+    assert not unknown, f"{path.name}: neither server nor vLLM engine arguments: {sorted(unknown)}"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_arguments_parse(path: Path) -> None:
     data = _load(path)
-    known = {name: value for name, value in data.items() if name in argument_names()}
-    args = parse_arguments(known, environ={})
+    args = parse_arguments(data, environ={})
+    engine = {name: value for name, value in data.items() if name not in argument_names()}
+    assert args.engine_args == engine, f"{path.name}: vLLM engine arguments must reach the engine as given"
     assert args.model_id, f"{path.name}: names no Hub model"
     assert re.fullmatch(r"[\w.-]+/[\w.-]+", args.model_id), f"{path.name}: '{args.model_id}' is not a Hub id"
     assert args.model_name != "model", f"{path.name}: give the model a name of its own"
@@ -70,5 +67,5 @@ def test_generation_backend(path: Path) -> None:
     data = _load(path)
     if data.get("backend") == "vllm":
         assert Task(data["task"]).is_generative, f"{path.name}: vLLM serves generation here"
-    if set(data) & VLLM_ENGINE_ARGS:
+    if set(data) & (engine_argument_names() - argument_names()):  # server arguments (dtype, ...) go to both
         assert data.get("backend") == "vllm", f"{path.name}: vLLM engine arguments need backend: vllm"

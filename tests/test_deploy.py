@@ -19,7 +19,13 @@ from typing import Any
 import pytest
 import yaml
 
-from handlers.arguments import ArgumentError, argument_names, arguments_from_env, parse_arguments
+from handlers.arguments import (
+    ArgumentError,
+    argument_names,
+    arguments_from_env,
+    engine_argument_names,
+    parse_arguments,
+)
 
 MISSING_VALIDATOR = "kubernetes-validate (with jsonschema) is not installed; it belongs in pyproject's test extras"
 
@@ -149,7 +155,7 @@ def test_deployment_env_are_server_arguments(item: tuple[Path, dict[str, Any]]) 
         env = _env(container)
         given = arguments_from_env(env)
         assert "model_id" in given, "a Deployment names its model with HF_SERVE_MODEL_ID"
-        unknown = set(given) - argument_names()
+        unknown = set(given) - argument_names() - engine_argument_names()
         assert not unknown, f"HF_SERVE_* variables that are no server argument: {sorted(unknown)}"
         parse_arguments({}, environ=env)
 
@@ -296,7 +302,7 @@ def test_bentocloud_config(item: tuple[Path, dict[str, Any]]) -> None:
     env = {item["name"]: item["value"] for item in doc.get("envs", [])}
     for settings in doc["services"].values():
         env |= {item["name"]: item["value"] for item in settings.get("envs", [])}
-    unknown = set(arguments_from_env(env)) - argument_names()
+    unknown = set(arguments_from_env(env)) - argument_names() - engine_argument_names()
     assert not unknown, f"{path.name}: HF_SERVE_* variables that are no server argument: {sorted(unknown)}"
     args = parse_arguments({}, environ=env)
     assert args.model_id
