@@ -1,0 +1,356 @@
+"""Text generation on vLLM's async engine (vllm.v1 `AsyncLLM`), in the worker's own process.
+
+One engine per BentoML worker: `start()` builds it with `AsyncLLM.from_engine_args(AsyncEngineArgs(...))`
+(vLLM runs its engine core in a child process it manages itself; requests go to it through vLLM's
+own API, not over HTTP). Each `generate()` maps `SamplingOptions` to `vllm.SamplingParams` with
+`output_kind=DELTA` and turns every `RequestOutput` into a `GenerationOutput` of the choices that
+moved. Closing or cancelling the consumer aborts the request in the engine.
+
+Engine arguments, lowest precedence first: what the server decides (model folder, dtype,
+max_model_len, trust_remote_code, revisions, tensor_parallel_size = gpus when gpus > 1,
+max_num_queued_reqs = max_queue_size), then `ServerArguments.engine_args` (vLLM's own argument
+names; strings from `--arg` or the environment are converted to the field's type), then the
+`engine_args` given to the constructor (tests).
+
+On a CPU the engine reads two environment variables, set here when unset:
+VLLM_CPU_KVCACHE_SPACE (GiB of KV cache, default 1) and VLLM_ENABLE_V1_MULTIPROCESSING=0 (the model
+runs in the engine-core process rather than in one more worker process: starts in seconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import types
+import typing
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from handlers.arguments import ServerArguments
+from handlers.errors import InvalidInput, NotReady, Overloaded, ServingError
+from handlers.generation.backend import (
+    ChoiceDelta,
+    FinishReason,
+    GenerationOutput,
+    GenerationRequest,
+    Logprob,
+    SamplingOptions,
+    TokenLogprobs,
+)
+from handlers.generation.select import generation_config_defaults
+from handlers.loading import ModelLoadError, ModelSource
+from handlers.tasks import Task
+
+logger = logging.getLogger(__name__)
+
+CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_DEFAULT_MAX_LOGPROBS = 20  # vLLM's default max_logprobs
+
+
+def _convert(value: str, annotation: Any) -> Any:
+    """A string from `--arg`/the environment as the AsyncEngineArgs field type wants it; else unchanged."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        options = typing.get_args(annotation)
+    elif origin is typing.Literal:
+        options = tuple({type(choice) for choice in typing.get_args(annotation)})
+    else:
+        options = (annotation,)
+    text = value.strip()
+    if type(None) in options and text.lower() in ("none", "null"):
+        return None
+    for option in options:
+        try:
+            if option is bool:
+                if text.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if text.lower() in ("0", "false", "no", "off"):
+                    return False
+            elif option is int:
+                return int(text)
+            elif option is float:
+                return float(text)
+        except ValueError:
+            continue
+    if text[:1] in ("{", "["):  # dict-valued fields (compilation_config, hf_overrides, ...)
+        with contextlib.suppress(ValueError):
+            return json.loads(text)
+    return value
+
+
+def convert_engine_args(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Engine arguments with string values converted to their AsyncEngineArgs field types."""
+    from vllm import AsyncEngineArgs
+
+    fields = {field.name: field.type for field in dataclasses.fields(AsyncEngineArgs)}
+    return {
+        name: _convert(value, fields[name]) if isinstance(value, str) and name in fields else value
+        for name, value in values.items()
+    }
+
+
+def _finish_reason(reason: str | None) -> FinishReason | None:
+    if reason is None or reason in ("stop", "length"):
+        return reason  # type: ignore[return-value]
+    if reason == "abort":
+        raise NotReady("the generation engine aborted the request (it is stopping)")
+    raise ServingError(f"the generation engine failed the request (finish reason '{reason}')")
+
+
+class VLLMBackend:
+    """GenerationBackend on vLLM's AsyncLLM (continuous batching, paged KV cache)."""
+
+    name = "vllm"
+
+    def __init__(
+        self, source: ModelSource, args: ServerArguments, *, engine_args: Mapping[str, Any] | None = None
+    ) -> None:
+        if not source.task.is_generative or source.task == Task.text2text_generation:
+            raise ModelLoadError(f"task '{source.task.value}' is not served by the vllm backend")
+        self.source = source
+        self.args = args
+        self.tokenizer = source.tokenizer
+        self.max_model_len = source.max_model_len
+        self.sampling_defaults = generation_config_defaults(source)
+        self.engine: Any = None  # vllm.v1.engine.async_llm.AsyncLLM once started
+        self._overrides = dict(engine_args or {})
+        self._max_logprobs = _DEFAULT_MAX_LOGPROBS
+        self._token_text: dict[int, str] = {}
+
+    # ---- life cycle ----
+
+    def engine_arguments(self) -> dict[str, Any]:
+        """The keyword arguments of AsyncEngineArgs for this model (see the module docstring)."""
+        source, args = self.source, self.args
+        kwargs: dict[str, Any] = {
+            "model": str(source.path),
+            "tokenizer": str(source.path),
+            "served_model_name": args.model_name,
+            "dtype": _DTYPE_NAMES.get(source.dtype, "auto"),
+            "max_model_len": source.max_model_len,
+            "trust_remote_code": args.trust_remote_code,
+            "max_num_queued_reqs": args.max_queue_size,
+            "disable_log_stats": True,
+        }
+        if args.model_revision:
+            kwargs["revision"] = args.model_revision
+        if args.tokenizer_revision:
+            kwargs["tokenizer_revision"] = args.tokenizer_revision
+        if args.gpus > 1:
+            kwargs["tensor_parallel_size"] = args.gpus
+        kwargs.update(convert_engine_args(args.engine_args))
+        kwargs.update(convert_engine_args(self._overrides))
+        return kwargs
+
+    async def start(self) -> None:
+        if self.engine is not None:
+            return
+        if self.source.device.type == "cpu":
+            for name, value in CPU_ENV_DEFAULTS.items():
+                os.environ.setdefault(name, value)
+        kwargs = self.engine_arguments()
+        # Building the engine blocks for seconds (it starts and waits for the engine-core process).
+        self.engine = await asyncio.to_thread(self._build_engine, kwargs)
+        model_config = self.engine.model_config
+        self.max_model_len = int(model_config.max_model_len)
+        self._max_logprobs = int(getattr(model_config, "max_logprobs", _DEFAULT_MAX_LOGPROBS))
+        logger.info("vLLM engine started: %s, max_model_len %d", self.source.path, self.max_model_len)
+
+    @staticmethod
+    def _build_engine(kwargs: dict[str, Any]) -> Any:
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        try:
+            engine_args = AsyncEngineArgs(**kwargs)
+        except TypeError as error:
+            raise ModelLoadError(f"invalid vLLM engine arguments: {error}") from None
+        try:
+            return AsyncLLM.from_engine_args(engine_args)
+        except Exception as error:
+            raise ModelLoadError(f"the vLLM engine did not start: {type(error).__name__}: {error}") from error
+
+    async def stop(self) -> None:
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.shutdown()
+
+    # ---- requests ----
+
+    def unsupported(self, sampling: SamplingOptions) -> str | None:
+        if sampling.n > 1 and sampling.greedy:
+            return "n"  # vLLM: "n must be 1 when using greedy sampling"
+        if sampling.logprobs is not None and sampling.logprobs > self._max_logprobs:
+            return "logprobs"
+        if sampling.prompt_logprobs is not None and sampling.prompt_logprobs > self._max_logprobs:
+            return "prompt_logprobs"
+        return None
+
+    def sampling_params(self, sampling: SamplingOptions) -> Any:
+        """vllm.SamplingParams for these options, streaming deltas."""
+        from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
+        from vllm.sampling_params import RequestOutputKind
+
+        try:
+            return self._sampling_params(SamplingParams, RequestOutputKind.DELTA, sampling)
+        except (VLLMClientError, ValueError) as error:
+            raise InvalidInput(str(error), param=getattr(error, "parameter", None)) from None
+
+    @staticmethod
+    def _sampling_params(sampling_params: Any, delta: Any, sampling: SamplingOptions) -> Any:
+        return sampling_params(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=max(sampling.top_k, 0),
+            min_p=sampling.min_p,
+            seed=sampling.seed,
+            stop=list(sampling.stop) or None,
+            stop_token_ids=list(sampling.stop_token_ids) or None,
+            include_stop_str_in_output=sampling.include_stop_str_in_output,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            repetition_penalty=sampling.repetition_penalty,
+            logprobs=sampling.logprobs,
+            prompt_logprobs=sampling.prompt_logprobs,
+            max_tokens=sampling.max_tokens,
+            min_tokens=sampling.min_tokens,
+            ignore_eos=sampling.ignore_eos,
+            skip_special_tokens=sampling.skip_special_tokens,
+            output_kind=delta,
+        )
+
+    def _check(self, request: GenerationRequest) -> None:
+        sampling = request.sampling
+        problem = sampling.validate()
+        if problem:
+            raise InvalidInput(problem, param=problem.split()[0])
+        name = self.unsupported(sampling)
+        if name:
+            raise InvalidInput(f"'{name}' is not supported by the {self.name} backend", param=name)
+        if not request.prompt_token_ids:
+            raise InvalidInput("the prompt is empty", param="prompt")
+        total = len(request.prompt_token_ids) + sampling.max_tokens
+        if len(request.prompt_token_ids) >= self.max_model_len or total > self.max_model_len:
+            raise InvalidInput(
+                f"prompt ({len(request.prompt_token_ids)} tokens) + max_tokens ({sampling.max_tokens}) "
+                f"= {total} is more than the model's context length ({self.max_model_len})",
+                param="max_tokens",
+            )
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        engine = self.engine
+        if engine is None:
+            raise NotReady("the generation engine is not running")
+        self._check(request)
+        from vllm.exceptions import GracefulHTTPError, VLLMClientError
+        from vllm.inputs import TokensPrompt
+
+        sampling = request.sampling
+        params = self.sampling_params(sampling)
+        # Ids must be unique in the engine; clients may reuse theirs.
+        engine_id = f"{request.request_id}-{uuid.uuid4().hex[:12]}"
+        prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
+        stream = engine.generate(prompt, params, engine_id)
+        finished = False
+        sent_prompt_logprobs = False
+        try:
+            while True:
+                try:
+                    out = await anext(stream)
+                except StopAsyncIteration:
+                    break
+                except VLLMClientError as error:
+                    raise InvalidInput(str(error), param=getattr(error, "parameter", None)) from None
+                except GracefulHTTPError as error:  # admission control: max_num_queued_reqs / tokens
+                    raise Overloaded(f"the generation queue is full; retry later ({error})") from None
+                prompt_logprobs = None
+                if sampling.prompt_logprobs is not None and not sent_prompt_logprobs and out.prompt_logprobs:
+                    prompt_logprobs = self._prompt_logprobs(request.prompt_token_ids, out.prompt_logprobs, sampling)
+                    sent_prompt_logprobs = True
+                choices = tuple(
+                    self._choice(completion, sampling)
+                    for completion in out.outputs
+                    if completion.token_ids or completion.text or completion.finish_reason is not None
+                )
+                finished = bool(out.finished)
+                if not choices and not finished and prompt_logprobs is None:
+                    continue
+                yield GenerationOutput(
+                    request_id=request.request_id,
+                    prompt_token_count=len(request.prompt_token_ids),
+                    choices=choices,
+                    prompt_logprobs=prompt_logprobs,
+                    finished=finished,
+                )
+                if finished:
+                    return
+        finally:
+            # Closing vLLM's stream aborts the request when it has not finished (vLLM catches the
+            # GeneratorExit / CancelledError); the explicit abort covers a stream that never started.
+            await stream.aclose()
+            if not finished:
+                with contextlib.suppress(Exception):
+                    await engine.abort(engine_id)
+
+    # ---- conversions ----
+
+    def _choice(self, completion: Any, sampling: SamplingOptions) -> ChoiceDelta:
+        token_ids = tuple(int(t) for t in completion.token_ids)
+        logprobs = None
+        if sampling.logprobs is not None:
+            positions = completion.logprobs or []
+            logprobs = tuple(
+                self._token_logprobs(token_id, positions[i] if i < len(positions) else None, sampling.logprobs)
+                for i, token_id in enumerate(token_ids)
+            )
+        stop_reason = completion.stop_reason
+        return ChoiceDelta(
+            index=int(completion.index),
+            token_ids=token_ids,
+            text=completion.text or "",
+            logprobs=logprobs,
+            finish_reason=_finish_reason(completion.finish_reason),
+            stop_reason=stop_reason if isinstance(stop_reason, str | int) else None,
+        )
+
+    def _prompt_logprobs(
+        self, prompt_ids: Sequence[int], positions: Sequence[Any], sampling: SamplingOptions
+    ) -> tuple[TokenLogprobs | None, ...]:
+        k = sampling.prompt_logprobs or 0
+        result: list[TokenLogprobs | None] = []
+        for i, token_id in enumerate(prompt_ids):
+            position = positions[i] if i < len(positions) else None
+            result.append(None if i == 0 or position is None else self._token_logprobs(token_id, position, k))
+        return tuple(result)
+
+    def _token_logprobs(self, token_id: int, position: Mapping[int, Any] | None, k: int) -> TokenLogprobs:
+        position = position or {}
+        chosen = position.get(token_id)
+        chosen_logprob = float(chosen.logprob) if chosen is not None else float("nan")
+        ranked = sorted(
+            ((tid, lp) for tid, lp in position.items() if lp.rank is not None and lp.rank <= k),
+            key=lambda item: item[1].rank,
+        )[:k]
+        return TokenLogprobs(
+            chosen=Logprob(token_id, self._text(token_id, chosen), chosen_logprob),
+            top=tuple(Logprob(int(tid), self._text(int(tid), lp), float(lp.logprob)) for tid, lp in ranked),
+        )
+
+    def _text(self, token_id: int, logprob: Any) -> str:
+        decoded = getattr(logprob, "decoded_token", None)
+        if decoded is not None:
+            return decoded
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.tokenizer.decode([token_id])
+        return text
