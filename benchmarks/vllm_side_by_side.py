@@ -1,0 +1,282 @@
+"""Streamed generation: vLLM's own OpenAI server beside ours, on the same model and load.
+
+Starts `python -m vllm.entrypoints.openai.api_server` on 127.0.0.1 with the tiny Llama of
+tests/tiny_models.py (or --model), then sends streamed /v1/completions requests of --tokens tokens
+each (ignore_eos, greedy) at concurrency 1, 8 and 32 and measures output tokens/s, TTFT (time to the
+first token) and TPOT (time per output token after the first). With --ours URL (e.g.
+http://127.0.0.1:3000/openai/v1, a server already running) the same load goes to our server too.
+Prints a table and writes JSON to benchmarks/results/.
+
+    .venv/bin/python -m benchmarks.vllm_side_by_side [--ours http://127.0.0.1:3000/openai/v1]
+        [--model DIR] [--concurrency 1 8 32] [--tokens 64] [--vllm-arg=--enforce-eager ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from benchmarks.report import print_table, write_results
+
+PROMPTS = [
+    "The capital of France is",
+    "Hello world! How are you today?",
+    "The quick brown fox jumps over",
+    "Students learn history, science, music and art",
+    "Please write a short story about a cat",
+    "The weather today is good, the sun",
+    "My friend Peter travels by plane to",
+    "Water is wet, fire is hot, ice is",
+]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def tiny_llama() -> Path:
+    """The tiny Llama of tests/tiny_models.py, built into a temporary folder."""
+    from tests.tiny_models import build_llama
+
+    return build_llama(Path(tempfile.mkdtemp(prefix="vllm-bench-")) / "llama")
+
+
+class VLLMServer:
+    """vLLM's OpenAI server in a subprocess (its own session, so stop() ends its engine process too)."""
+
+    def __init__(self, model: Path, name: str, extra: list[str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.log_path = log_path
+        command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+        command += ["--served-model-name", name, "--host", "127.0.0.1", "--port", str(self.port), *extra]
+        env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **os.environ}
+        env["HF_HUB_OFFLINE"] = "1"
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.started = time.perf_counter()
+        self.process = subprocess.Popen(
+            command, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.start_seconds = float("nan")
+
+    async def wait_ready(self, timeout: float) -> None:
+        deadline = time.perf_counter() + timeout
+        async with aiohttp.ClientSession() as session:
+            while time.perf_counter() < deadline:
+                if self.process.poll() is not None:
+                    tail = self.log_path.read_text(errors="replace")[-4000:]
+                    raise RuntimeError(f"vLLM server exited with {self.process.returncode}:\n{tail}")
+                try:
+                    async with session.get(self.url.removesuffix("/v1") + "/health") as response:
+                        if response.status == 200:
+                            self.start_seconds = time.perf_counter() - self.started
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.5)
+        raise TimeoutError(f"vLLM server not ready after {timeout:.0f} s; log: {self.log_path}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        self._log.close()
+
+
+async def model_name(session: aiohttp.ClientSession, base_url: str) -> str:
+    async with session.get(f"{base_url}/models") as response:
+        response.raise_for_status()
+        return (await response.json())["data"][0]["id"]
+
+
+async def one_request(
+    session: aiohttp.ClientSession, base_url: str, model: str, prompt: str, tokens: int
+) -> dict[str, float]:
+    """One streamed completion: its TTFT, its token count (from usage) and the time of its last token."""
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    started = time.perf_counter()
+    first = last = None
+    chunks = 0
+    completion_tokens = None
+    async with session.post(f"{base_url}/completions", json=body) as response:
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:300]}")
+        async for raw in response.content:
+            line = raw.decode().strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[len("data:") :].strip()
+            if data == "[DONE]":
+                break
+            event = json.loads(data)
+            if event.get("usage"):
+                completion_tokens = event["usage"].get("completion_tokens")
+            if any(choice.get("text") for choice in event.get("choices") or []):
+                now = time.perf_counter()
+                first = first or now
+                last = now
+                chunks += 1
+    if first is None or last is None:
+        raise RuntimeError("the stream had no text")
+    count = completion_tokens if completion_tokens is not None else chunks
+    return {"ttft": first - started, "tokens": count, "decode": last - first, "end": last}
+
+
+async def run_level(base_url: str, model: str, concurrency: int, requests: int, tokens: int) -> dict[str, Any]:
+    """`requests` completions, `concurrency` at a time (closed loop)."""
+    results: list[dict[str, float]] = []
+    errors: list[str] = []
+    queue = list(range(requests))
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def user() -> None:
+            while queue:
+                i = queue.pop()
+                try:
+                    results.append(await one_request(session, base_url, model, PROMPTS[i % len(PROMPTS)], tokens))
+                except (TimeoutError, RuntimeError, aiohttp.ClientError) as error:
+                    errors.append(str(error))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(user() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    if not results:
+        raise RuntimeError(f"every request failed, e.g. {errors[:1]}")
+    ttfts = sorted(r["ttft"] for r in results)
+    tpots = sorted(r["decode"] / (r["tokens"] - 1) for r in results if r["tokens"] > 1)
+    total_tokens = sum(r["tokens"] for r in results)
+    return {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "errors": len(errors),
+        "output_tokens": total_tokens,
+        "seconds": elapsed,
+        "output_tokens_per_s": total_tokens / elapsed,
+        "ttft_p50_ms": 1000 * statistics.median(ttfts),
+        "ttft_p99_ms": 1000 * ttfts[int(0.99 * (len(ttfts) - 1))],
+        "tpot_p50_ms": 1000 * statistics.median(tpots) if tpots else float("nan"),
+        "tpot_p99_ms": 1000 * tpots[int(0.99 * (len(tpots) - 1))] if tpots else float("nan"),
+    }
+
+
+async def measure(
+    label: str, base_url: str, levels: list[int], tokens: int, rounds: int, model: str | None
+) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session:
+        model = model or await model_name(session, base_url)
+    await run_level(base_url, model, 2, 4, tokens)  # warm-up
+    figures: dict[str, Any] = {"url": base_url, "model": model, "levels": {}}
+    for concurrency in levels:
+        requests = max(rounds * concurrency, 8)
+        print(f"{label}: concurrency {concurrency}, {requests} requests of {tokens} tokens ...", flush=True)
+        figures["levels"][str(concurrency)] = await run_level(base_url, model, concurrency, requests, tokens)
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="model folder (default: the tiny Llama of tests/tiny_models.py)")
+    parser.add_argument("--ours", help="our server's OpenAI base URL, e.g. http://127.0.0.1:3000/openai/v1")
+    parser.add_argument("--ours-model", help="model name on our server (default: the first of GET /models)")
+    parser.add_argument("--vllm-url", help="a vLLM server already running (its /v1 base URL) instead of starting one")
+    parser.add_argument("--no-vllm", action="store_true", help="measure only --ours")
+    parser.add_argument("--vllm-arg", action="append", default=[], help="extra flag for vLLM's server (repeat)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--tokens", type=int, default=64, help="streamed output tokens per request")
+    parser.add_argument("--rounds", type=int, default=2, help="requests per level = rounds x concurrency (>= 8)")
+    parser.add_argument("--max-model-len", type=int, default=256)
+    parser.add_argument("--start-timeout", type=float, default=600)
+    options = parser.parse_args()
+    if options.no_vllm and not options.ours:
+        parser.error("--no-vllm needs --ours")
+
+    figures: dict[str, Any] = {"tokens": options.tokens, "concurrency": options.concurrency}
+    targets: dict[str, dict[str, Any]] = {}
+    if not options.no_vllm:
+        server = None
+        url = options.vllm_url
+        if url is None:
+            model = options.model or tiny_llama()
+            extra = ["--max-model-len", str(options.max_model_len), "--disable-log-stats", *options.vllm_arg]
+            server = VLLMServer(model, "tiny-llama", extra, Path("/tmp/vllm-side-by-side-server.log"))
+            figures["vllm_server"] = {"model": str(model), "args": extra}
+            print(f"starting vLLM's server on {server.url} (log {server.log_path}) ...", flush=True)
+        try:
+            if server is not None:
+                asyncio.run(server.wait_ready(options.start_timeout))
+                figures["vllm_server"]["start_seconds"] = server.start_seconds
+                print(f"vLLM server ready in {server.start_seconds:.1f} s", flush=True)
+                url = server.url
+            assert url is not None
+            levels, tokens, rounds = options.concurrency, options.tokens, options.rounds
+            targets["vllm"] = asyncio.run(measure("vllm", url, levels, tokens, rounds, None))
+        finally:
+            if server is not None:
+                server.stop()
+    if options.ours:
+        targets["ours"] = asyncio.run(
+            measure("ours", options.ours, options.concurrency, options.tokens, options.rounds, options.ours_model)
+        )
+    figures["targets"] = targets
+
+    header = ["server", "conc.", "requests", "out tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms"]
+    rows = []
+    for concurrency in options.concurrency:
+        for label, target in targets.items():
+            r = target["levels"][str(concurrency)]
+            rows.append(
+                [
+                    label,
+                    str(concurrency),
+                    f"{r['requests']}" + (f" ({r['errors']} failed)" if r["errors"] else ""),
+                    f"{r['output_tokens_per_s']:.1f}",
+                    f"{r['ttft_p50_ms']:.1f}",
+                    f"{r['ttft_p99_ms']:.1f}",
+                    f"{r['tpot_p50_ms']:.2f}",
+                    f"{r['tpot_p99_ms']:.2f}",
+                ]
+            )
+        if len(targets) == 2:
+            ratio = (
+                targets["ours"]["levels"][str(concurrency)]["output_tokens_per_s"]
+                / targets["vllm"]["levels"][str(concurrency)]["output_tokens_per_s"]
+            )
+            figures.setdefault("ours_over_vllm_tokens_per_s", {})[str(concurrency)] = ratio
+            rows.append(["ours/vllm", str(concurrency), "", f"{ratio:.2f}x", "", "", "", ""])
+    print()
+    print_table(header, rows)
+    write_results("vllm_side_by_side", figures)
+
+
+if __name__ == "__main__":
+    main()
