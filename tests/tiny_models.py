@@ -164,8 +164,11 @@ def build_generation_tokenizer(
 # --- BERT models ---
 
 
-def _bert_config(tokenizer: BertTokenizerFast, **extra: object) -> BertConfig:
+def _bert_config(tokenizer: BertTokenizerFast, initializer_range: float = 0.1, **extra: object) -> BertConfig:
+    """BERT's shape, scaled down. The weights are 5x BERT's initial scale (0.02): with that, a random
+    model's outputs are nearly uniform and the same for every input, which tests nothing."""
     return BertConfig(
+        initializer_range=initializer_range,
         vocab_size=len(tokenizer),
         hidden_size=32,
         num_hidden_layers=2,
@@ -194,7 +197,8 @@ def _labels(names: list[str]) -> dict[str, object]:
 
 def build_sequence_classification(folder: Path, tokenizer: BertTokenizerFast) -> Path:
     torch.manual_seed(SEED)
-    model = BertForSequenceClassification(_bert_config(tokenizer, **_labels(SENTIMENT_LABELS)))
+    # Larger still, so that different inputs get different classes (checked by the tests).
+    model = BertForSequenceClassification(_bert_config(tokenizer, 0.2, **_labels(SENTIMENT_LABELS)))
     return _save(model, tokenizer, folder)
 
 
