@@ -36,6 +36,7 @@ class ForwardBatch:
     encoding: dict[str, torch.Tensor]
     outputs: torch.Tensor
     rows: list[EncodedRows] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)  # the inputs, in row order
 
 
 class PredictiveHandler(ABC):
@@ -124,7 +125,7 @@ class PredictiveHandler(ABC):
                     for i in range(0, len(texts), rows_per_pass)
                 ]
             )
-        batch = ForwardBatch(encoding=dict(encoding), outputs=outputs.float().cpu(), rows=rows)
+        batch = ForwardBatch(encoding=dict(encoding), outputs=outputs.float().cpu(), rows=rows, texts=texts)
         if offsets is not None:
             batch.encoding["offset_mapping"] = offsets
         results: list[TaskResult | ServingError] = []

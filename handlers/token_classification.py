@@ -69,6 +69,13 @@ class TokenClassificationHandler(PredictiveHandler):
         entities: list[dict[str, Any]] = []
         group: list[tuple[int, str, float]] = []  # (token position, entity type, score)
 
+        def token(position: int) -> str:
+            """The token's text as transformers' pipeline has it: an unknown token is its span of the input."""
+            token_id = int(ids[position])
+            if token_id == self.tokenizer.unk_token_id and row < len(batch.texts):
+                return batch.texts[row][int(offsets[position][0]) : int(offsets[position][1])]
+            return self.tokenizer.convert_ids_to_tokens(token_id)
+
         def flush() -> None:
             if not group:
                 return
@@ -79,7 +86,7 @@ class TokenClassificationHandler(PredictiveHandler):
                 {
                     "entity_group": label,
                     "score": float(sum(s for _, _, s in group) / len(group)),
-                    "word": self.tokenizer.decode([int(ids[p]) for p in positions]),
+                    "word": self.tokenizer.convert_tokens_to_string([token(p) for p in positions]),
                     "start": start,
                     "end": end,
                 }
