@@ -27,14 +27,19 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from handlers.arguments import parse_arguments
-from handlers.errors import InvalidInput, NotReady
+from handlers.errors import InvalidInput, NotReady, Overloaded
 from handlers.generation.backend import (
     GenerationBackend,
     GenerationOutput,
     GenerationRequest,
     SamplingOptions,
 )
-from handlers.generation.vllm_backend import CPU_ENV_DEFAULTS, VLLMBackend, convert_engine_args
+from handlers.generation.vllm_backend import (
+    CPU_ENV_DEFAULTS,
+    VLLMBackend,
+    convert_engine_args,
+    cpu_unsupported_reason,
+)
 from handlers.loading import inspect_model
 
 T = TypeVar("T")
@@ -172,6 +177,14 @@ def test_engine_argument_conversion() -> None:
         "max_lora_rank": 32,
         "block_size": 16,
     }
+
+
+def test_cpu_head_size_check(llama_dir: Path, tiny_models: dict[str, Path]) -> None:
+    args = parse_arguments({"model_dir": str(llama_dir)}, environ={})
+    assert cpu_unsupported_reason(inspect_model(args)) is None  # head_dim 32
+    bert = inspect_model(parse_arguments({"model_dir": str(tiny_models["fill_mask"])}, environ={}))
+    reason = cpu_unsupported_reason(bert)  # hidden 32 / 2 heads = 16
+    assert reason is not None and "16" in reason
 
 
 def test_not_started_is_not_ready(llama_dir: Path) -> None:
@@ -406,6 +419,29 @@ def test_closing_the_stream_aborts_the_request(engine: Engine) -> None:
         return running
 
     assert engine.run(scenario) >= 1
+    assert _wait_until_idle(engine) == 0
+
+
+def test_a_full_queue_is_overloaded(engine: Engine) -> None:
+    ids = engine.ids(PROMPTS[3])
+    scheduler_config = engine.backend.engine.scheduler_config
+    limit = scheduler_config.max_num_queued_reqs
+    assert limit == 4096  # the server's max_queue_size
+
+    async def scenario() -> None:
+        running = engine.backend.generate(
+            GenerationRequest("long", tuple(ids), SamplingOptions(max_tokens=200, ignore_eos=True))
+        )
+        await anext(running)
+        scheduler_config.max_num_queued_reqs = 1
+        try:
+            with pytest.raises(Overloaded):
+                await anext(engine.backend.generate(GenerationRequest("refused", tuple(ids), SamplingOptions())))
+        finally:
+            scheduler_config.max_num_queued_reqs = limit
+            await running.aclose()
+
+    engine.run(scenario)
     assert _wait_until_idle(engine) == 0
 
 

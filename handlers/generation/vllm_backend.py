@@ -97,6 +97,32 @@ def convert_engine_args(values: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def cpu_unsupported_reason(source: ModelSource) -> str | None:
+    """Why vLLM's CPU attention cannot run this model (None when it can, or off the CPU).
+
+    Its kernels take only some head sizes (32, 64, 80, 96, 112, 128, ...): a model with another one
+    fails at engine start, so backend selection should send it to transformers instead.
+    """
+    if source.device.type != "cpu":
+        return None
+    config = source.config.get_text_config() if hasattr(source.config, "get_text_config") else source.config
+    head_dim = getattr(config, "head_dim", None)
+    if not head_dim:
+        hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+        head_dim = hidden // heads if hidden and heads else None
+    if not head_dim:
+        return None
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        supported = list(CPUAttentionBackend.get_supported_head_sizes())
+    except Exception:  # another vllm layout: vLLM 0.32's list
+        supported = [32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512]
+    if int(head_dim) not in supported:
+        return f"vLLM's CPU attention takes head sizes {supported}; this model's is {head_dim}"
+    return None
+
+
 def _finish_reason(reason: str | None) -> FinishReason | None:
     if reason is None or reason in ("stop", "length"):
         return reason  # type: ignore[return-value]
