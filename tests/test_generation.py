@@ -1,0 +1,433 @@
+"""Text generation: the transformers backend against transformers' own generate(), and the OpenAI
+completions / chat layer through the official openai client on an in-test FastAPI app."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from handlers.arguments import parse_arguments
+from handlers.errors import InvalidInput, ServingError
+from handlers.generation.backend import GenerationBackend, GenerationRequest, SamplingOptions
+from handlers.generation.select import build_generation_backend
+from handlers.generation.transformers_backend import TransformersBackend
+from handlers.loading import ModelLoadError, inspect_model
+from protocols.errors import openai_error_body
+from protocols.openai_generation import create_chat_completion, create_completion
+
+PROMPTS = [
+    "Paris is the capital of France and the river",
+    "The cat sat on the mat and the dog slept by the door. The quick brown fox",
+    "Hello",
+    "Machine learning models read text and predict labels for",
+]
+
+
+def _backend(path: Path, **given: Any) -> TransformersBackend:
+    args = parse_arguments({"model_dir": str(path), "backend": "huggingface", **given}, environ={})
+    backend = build_generation_backend(inspect_model(args), args)
+    assert isinstance(backend, TransformersBackend)
+    asyncio.run(backend.start())
+    return backend
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models: dict[str, Path]) -> Iterator[TransformersBackend]:
+    backend = _backend(tiny_models["llama"])
+    yield backend
+    asyncio.run(backend.stop())
+
+
+@pytest.fixture(scope="module")
+def t5(tiny_models: dict[str, Path]) -> Iterator[TransformersBackend]:
+    backend = _backend(tiny_models["t5"])
+    yield backend
+    asyncio.run(backend.stop())
+
+
+async def _run(backend: GenerationBackend, prompt_ids: list[int], sampling: SamplingOptions) -> dict[int, dict]:
+    """Every choice's token ids, text, logprobs and finish reason."""
+    choices: dict[int, dict] = {}
+    first = None
+    async for output in backend.generate(GenerationRequest(f"r{time.monotonic_ns()}", prompt_ids, sampling)):
+        first = first or output
+        for delta in output.choices:
+            choice = choices.setdefault(delta.index, {"ids": [], "text": "", "logprobs": [], "finish": None})
+            choice["ids"] += delta.token_ids
+            choice["text"] += delta.text
+            choice["logprobs"] += delta.logprobs or ()
+            choice["finish"] = delta.finish_reason
+    assert first is not None and output.finished
+    choices[-1] = {"prompt_logprobs": first.prompt_logprobs}
+    return choices
+
+
+def _reference(backend: TransformersBackend, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = backend.model.generate(
+            torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False, attention_mask=None
+        )[0].tolist()
+    # Decoder-only outputs repeat the prompt; encoder-decoder outputs start with the decoder start token.
+    return out[1:] if backend.is_encoder_decoder else out[len(prompt_ids) :]
+
+
+@pytest.mark.parametrize("model", ["llama", "t5"])
+def test_greedy_equals_generate_single_and_batched(model: str, request: pytest.FixtureRequest) -> None:
+    backend: TransformersBackend = request.getfixturevalue(model)
+    tokenizer = backend.tokenizer
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    assert len({len(p) for p in prompts}) == len(prompts)  # different lengths: the batch is padded
+    greedy = SamplingOptions(max_tokens=24, temperature=0.0)
+    expected = [_reference(backend, ids, 24) for ids in prompts]
+
+    single = asyncio.run(_run(backend, prompts[1], greedy))
+    assert single[0]["ids"] == expected[1]
+
+    async def concurrent() -> list[dict[int, dict]]:
+        return await asyncio.gather(*(_run(backend, ids, greedy) for ids in prompts))
+
+    backend.max_rows_seen = 0
+    results = asyncio.run(concurrent())
+    assert backend.max_rows_seen == len(prompts)  # all four decoded in one forward pass
+    for result, ids, want in zip(results, prompts, expected, strict=True):
+        assert result[0]["ids"] == want, tokenizer.decode(ids)
+        assert result[0]["finish"] in ("stop", "length")
+        if result[0]["finish"] == "length":
+            assert len(want) == 24
+
+
+def test_logprobs_equal_log_softmax_of_a_forward_pass(llama: TransformersBackend) -> None:
+    ids = llama.tokenizer(PROMPTS[0])["input_ids"]
+    sampling = SamplingOptions(max_tokens=6, temperature=0.0, logprobs=3, prompt_logprobs=2)
+    result = asyncio.run(_run(llama, ids, sampling))
+    generated = result[0]["ids"]
+    with torch.no_grad():
+        logits = llama.model(torch.tensor([ids + generated])).logits[0]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    for step, (token, entry) in enumerate(zip(generated, result[0]["logprobs"], strict=True)):
+        row = logprobs[len(ids) - 1 + step]
+        assert entry.chosen.token_id == token
+        assert entry.chosen.logprob == pytest.approx(float(row[token]), abs=1e-4)
+        values, top_ids = torch.topk(row, 3)
+        assert [alt.token_id for alt in entry.top] == top_ids.tolist()
+        assert [alt.logprob for alt in entry.top] == pytest.approx(values.tolist(), abs=1e-4)
+    prompt_logprobs = result[-1]["prompt_logprobs"]
+    assert prompt_logprobs[0] is None and len(prompt_logprobs) == len(ids)
+    for position in range(1, len(ids)):
+        expected = float(logprobs[position - 1, ids[position]])
+        assert prompt_logprobs[position].chosen.logprob == pytest.approx(expected, abs=1e-4)
+        assert len(prompt_logprobs[position].top) == 2
+
+
+def test_stop_strings_are_excluded(llama: TransformersBackend) -> None:
+    ids = llama.tokenizer(PROMPTS[3])["input_ids"]
+    free = asyncio.run(_run(llama, ids, SamplingOptions(max_tokens=24, temperature=0.0, ignore_eos=True)))[0]
+    text = free["text"]
+    stop = text[6:9]
+    assert len(stop) == 3
+    stopped = asyncio.run(
+        _run(llama, ids, SamplingOptions(max_tokens=24, temperature=0.0, ignore_eos=True, stop=[stop, "@@never"]))
+    )[0]
+    assert stopped["text"] == text[: text.index(stop)]
+    assert stopped["finish"] == "stop"
+    kept = asyncio.run(
+        _run(
+            llama,
+            ids,
+            SamplingOptions(
+                max_tokens=24, temperature=0.0, ignore_eos=True, stop=[stop], include_stop_str_in_output=True
+            ),
+        )
+    )[0]
+    assert kept["text"] == text[: text.index(stop) + len(stop)]
+
+
+def test_seed_reproducible_and_n(llama: TransformersBackend) -> None:
+    ids = llama.tokenizer(PROMPTS[0])["input_ids"]
+    sampling = SamplingOptions(max_tokens=16, temperature=1.0, top_p=0.95, top_k=50, seed=7, n=2, ignore_eos=True)
+    first = asyncio.run(_run(llama, ids, sampling))
+    again = asyncio.run(_run(llama, ids, sampling))
+    assert [first[i]["ids"] for i in (0, 1)] == [again[i]["ids"] for i in (0, 1)]
+    assert first[0]["ids"] != first[1]["ids"]  # two choices sample independently
+    other = asyncio.run(_run(llama, ids, SamplingOptions(**{**sampling.__dict__, "seed": 8})))
+    assert other[0]["ids"] != first[0]["ids"]
+
+
+def test_penalties_change_the_output(llama: TransformersBackend) -> None:
+    ids = llama.tokenizer(PROMPTS[2])["input_ids"]
+    plain = asyncio.run(_run(llama, ids, SamplingOptions(max_tokens=24, temperature=0.0, ignore_eos=True)))[0]
+    penalised = asyncio.run(
+        _run(llama, ids, SamplingOptions(max_tokens=24, temperature=0.0, ignore_eos=True, frequency_penalty=2.0))
+    )[0]
+    assert len(set(penalised["ids"])) >= len(set(plain["ids"]))
+    assert penalised["ids"] != plain["ids"]
+
+
+def test_cancellation_frees_the_slot(llama: TransformersBackend) -> None:
+    ids = llama.tokenizer(PROMPTS[0])["input_ids"]
+
+    async def scenario() -> float:
+        started = asyncio.Event()
+
+        async def consume() -> None:
+            sampling = SamplingOptions(max_tokens=200, temperature=0.0, ignore_eos=True)
+            async for _ in llama.generate(GenerationRequest("cancel-me", ids, sampling)):
+                started.set()
+
+        task = asyncio.create_task(consume())
+        await started.wait()
+        assert llama.active_requests() == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        cancelled_at = time.monotonic()
+        while llama.active_requests() and time.monotonic() - cancelled_at < 2:
+            await asyncio.sleep(0.005)
+        assert llama.active_requests() == 0
+        return time.monotonic() - cancelled_at
+
+    assert asyncio.run(scenario()) < 1.0
+
+
+def test_backend_selection(tiny_models: dict[str, Path]) -> None:
+    args = parse_arguments({"model_dir": str(tiny_models["llama"]), "backend": "vllm"}, environ={})
+    source = inspect_model(args)
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        with pytest.raises(ModelLoadError, match="vllm"):
+            build_generation_backend(source, args)
+        auto = parse_arguments({"model_dir": str(tiny_models["llama"])}, environ={})
+        assert isinstance(build_generation_backend(source, auto), TransformersBackend)
+    t5_args = parse_arguments({"model_dir": str(tiny_models["t5"]), "backend": "vllm"}, environ={})
+    with pytest.raises(ModelLoadError, match="encoder-decoder"):
+        build_generation_backend(inspect_model(t5_args), t5_args)
+
+
+# --------------------------------------------------------------------------------------------------
+# OpenAI layer over HTTP (a FastAPI app built here; the service's own routes are tested elsewhere)
+# --------------------------------------------------------------------------------------------------
+
+
+def make_app(backend: GenerationBackend) -> FastAPI:
+    app = FastAPI()
+
+    @app.exception_handler(ServingError)
+    async def serving_error(_: Request, error: ServingError) -> JSONResponse:
+        return JSONResponse(openai_error_body(error), status_code=error.status_code)
+
+    def respond(result: dict | Any) -> Any:
+        if isinstance(result, dict):
+            return JSONResponse(result)
+        return StreamingResponse(result, media_type="text/event-stream")
+
+    @app.post("/openai/v1/completions")
+    async def completions(request: Request) -> Any:
+        return respond(await create_completion(backend, await request.json(), model_name="tiny"))
+
+    @app.post("/openai/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        return respond(await create_chat_completion(backend, await request.json(), model_name="tiny"))
+
+    return app
+
+
+def _client(backend: GenerationBackend) -> openai.AsyncOpenAI:
+    transport = httpx.ASGITransport(app=make_app(backend))
+    return openai.AsyncOpenAI(
+        base_url="http://test/openai/v1",
+        api_key="none",
+        http_client=httpx.AsyncClient(transport=transport, base_url="http://test"),
+        max_retries=0,
+    )
+
+
+def test_openai_completions(llama: TransformersBackend) -> None:
+    ids = llama.tokenizer(PROMPTS[0])["input_ids"]
+    expected_ids = _reference(llama, ids, 16)
+
+    async def scenario() -> None:
+        client = _client(llama)
+        response = await client.completions.create(model="tiny", prompt=PROMPTS[0], temperature=0)
+        choice = response.choices[0]
+        assert response.model == "tiny" and response.object == "text_completion"
+        assert response.usage.prompt_tokens == len(ids)
+        assert response.usage.completion_tokens == len(expected_ids)  # default max_tokens 16
+        assert response.usage.total_tokens == len(ids) + len(expected_ids)
+        assert choice.finish_reason == ("length" if len(expected_ids) == 16 else "stop")
+        full = llama.tokenizer.decode(ids + expected_ids, skip_special_tokens=True)
+        assert PROMPTS[0] + choice.text == full
+
+        # Streaming gives the same text; finish_reason only on the last chunk.
+        stream = await client.completions.create(
+            model="tiny", prompt=PROMPTS[0], temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = [chunk async for chunk in stream]
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(expected_ids)
+        texts = [c.choices[0].text for c in chunks[:-1]]
+        reasons = [c.choices[0].finish_reason for c in chunks[:-1]]
+        assert "".join(texts) == choice.text
+        assert reasons[-1] == choice.finish_reason and all(r is None for r in reasons[:-1])
+
+        # n = 2 for each of two prompts: indexes prompt * n + choice; echo and logprobs.
+        many = await client.completions.create(
+            model="tiny", prompt=[PROMPTS[0], PROMPTS[2]], n=2, max_tokens=5, temperature=0, echo=True, logprobs=2
+        )
+        assert [c.index for c in many.choices] == [0, 1, 2, 3]
+        assert many.choices[0].text == many.choices[1].text  # greedy: both choices equal
+        assert many.choices[2].text.startswith(PROMPTS[2])
+        logprobs = many.choices[0].logprobs
+        assert logprobs.token_logprobs[0] is None  # the first prompt token
+        assert len(logprobs.tokens) == len(ids) + 5
+        assert all(len(top) >= 2 for top in logprobs.top_logprobs[1:])
+        await client.close()
+
+    asyncio.run(scenario())
+
+
+def test_openai_chat(llama: TransformersBackend) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital?"}]
+    text = llama.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt_ids = llama.tokenizer(text, add_special_tokens=False)["input_ids"]
+    expected = _reference(llama, prompt_ids, 12)
+
+    async def scenario() -> None:
+        client = _client(llama)
+        response = await client.chat.completions.create(
+            model="tiny", messages=messages, temperature=0, max_completion_tokens=12, logprobs=True, top_logprobs=2
+        )
+        choice = response.choices[0]
+        assert choice.message.role == "assistant"
+        assert response.usage.prompt_tokens == len(prompt_ids)
+        assert response.usage.completion_tokens == len(expected)
+        with torch.no_grad():
+            logits = llama.model(torch.tensor([prompt_ids + expected])).logits[0]
+        reference = torch.log_softmax(logits.float(), dim=-1)
+        want = [float(reference[len(prompt_ids) - 1 + i, token]) for i, token in enumerate(expected)]
+        assert [e.logprob for e in choice.logprobs.content] == pytest.approx(want, abs=1e-4)
+        assert [e.token for e in choice.logprobs.content] == [llama.tokenizer.decode([t]) for t in expected]
+        assert all(len(e.top_logprobs) == 2 for e in choice.logprobs.content)
+
+        stream = await client.chat.completions.create(
+            model="tiny",
+            messages=messages,
+            temperature=0,
+            max_completion_tokens=12,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert chunks[-1].usage.prompt_tokens == len(prompt_ids)
+        body = [c for c in chunks if c.choices]
+        assert "".join(c.choices[0].delta.content or "" for c in body) == choice.message.content
+        assert body[-1].choices[0].finish_reason == choice.finish_reason
+        assert all(c.choices[0].finish_reason is None for c in body[:-1])
+
+        # Chat's default max_tokens is the rest of the context; seeds reproduce samples.
+        seeded = [
+            await client.chat.completions.create(model="tiny", messages=messages, seed=3, max_tokens=10, n=2)
+            for _ in range(2)
+        ]
+        assert [c.message.content for c in seeded[0].choices] == [c.message.content for c in seeded[1].choices]
+        await client.close()
+
+    asyncio.run(scenario())
+
+
+def test_openai_errors_are_400_by_name(llama: TransformersBackend) -> None:
+    async def scenario() -> None:
+        client = _client(llama)
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=300)
+        message = caught.value.body["message"]
+        assert "256" in message and "300" in message  # both numbers named
+        with pytest.raises(openai.BadRequestError, match="logit_bias"):
+            await client.completions.create(model="tiny", prompt="x", logit_bias={"1": 2.0})
+        with pytest.raises(openai.BadRequestError, match="token ids"):
+            await client.completions.create(model="tiny", prompt=[1, 2, 3])
+        with pytest.raises(openai.BadRequestError, match="tools"):
+            await client.chat.completions.create(
+                model="tiny",
+                messages=[{"role": "user", "content": "hi"}],
+                tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            )
+        with pytest.raises(openai.BadRequestError, match="response_format"):
+            await client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "hi"}], response_format={"type": "json_object"}
+            )
+        await client.close()
+
+    asyncio.run(scenario())
+    with pytest.raises(InvalidInput, match="max_tokens"):
+        asyncio.run(create_completion(llama, {"prompt": "x", "max_tokens": 0}))
+
+
+def test_raw_sse_format(llama: TransformersBackend) -> None:
+    async def scenario() -> list[str]:
+        transport = httpx.ASGITransport(app=make_app(llama))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.post(
+                "/openai/v1/completions",
+                json={"prompt": PROMPTS[0], "max_tokens": 6, "n": 2, "temperature": 0, "stream": True},
+            )
+            assert response.headers["content-type"].startswith("text/event-stream")
+            return response.text.split("\n\n")
+
+    events = [e for e in asyncio.run(scenario()) if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[len("data: ") :]) for e in events[:-1]]
+    finished = [c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"]]
+    assert sorted(finished) == [0, 1]  # one finish_reason per choice, on its last chunk
+    for index in (0, 1):
+        mine = [c for c in chunks if c["choices"][0]["index"] == index]
+        assert mine[-1]["choices"][0]["finish_reason"] == "length"
+    assert all("usage" not in c for c in chunks)
+
+
+def test_client_disconnect_frees_the_slot(llama: TransformersBackend) -> None:
+    """A real server: closing a stream mid-way cancels the route, which aborts the request."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(make_app(llama), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        body = {"prompt": PROMPTS[0], "max_tokens": 200, "ignore_eos": True, "stream": True, "temperature": 0}
+        with (
+            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client,
+            client.stream("POST", "/openai/v1/completions", json=body) as response,
+        ):
+            assert response.status_code == 200
+            first = next(response.iter_lines())
+            assert first.startswith("data: ")
+            assert llama.active_requests() == 1
+        closed_at = time.monotonic()
+        while llama.active_requests() and time.monotonic() - closed_at < 2:
+            time.sleep(0.01)
+        assert llama.active_requests() == 0
+        assert time.monotonic() - closed_at < 1.0
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
