@@ -70,23 +70,31 @@ def parse_infer_request(body: bytes, content_type: str, header_length: str | Non
             request = InferenceRequest.model_validate_json(body)
         except ValidationError as error:
             raise invalid_from_validation(error, "V2 inference request") from None
-    if len(request.inputs) != 1:
-        names = ", ".join(i.name for i in request.inputs)
-        raise InvalidInput(f"this model takes one BYTES input of texts; got {len(request.inputs)} ({names})")
+    require_one_input([i.name for i in request.inputs])
     tensor = request.inputs[0]
     texts = _input_texts(tensor, binary_tail)
-    options = _request_options(request.parameters, tensor.parameters)
+    options = request_options(request.parameters, tensor.parameters)
     binary_output = bool((request.parameters or {}).get("binary_data_output", False)) or any(
         (output.parameters or {}).get("binary_data", False) for output in request.outputs or []
     )
     return ParsedInfer(request.id, texts, options, request.outputs, binary_output)
 
 
+def require_one_input(names: list[str]) -> None:
+    if len(names) != 1:
+        raise InvalidInput(f"this model takes one BYTES input of texts; got {len(names)} ({', '.join(names)})")
+
+
+def check_text_tensor(name: str, datatype: str, shape: list[int]) -> None:
+    """A text input must be BYTES with a valid shape; checked before its data is read (REST and gRPC)."""
+    if datatype != "BYTES":
+        raise InvalidInput(f"input '{name}' has datatype {datatype}; text models take BYTES")
+    if any(dim < 0 for dim in shape):
+        raise InvalidInput(f"input '{name}' has a negative dimension in shape {shape}")
+
+
 def _input_texts(tensor: RequestInput, binary_tail: bytes) -> list[str]:
-    if tensor.datatype != "BYTES":
-        raise InvalidInput(f"input '{tensor.name}' has datatype {tensor.datatype}; text models take BYTES")
-    if any(dim < 0 for dim in tensor.shape):
-        raise InvalidInput(f"input '{tensor.name}' has a negative dimension in shape {tensor.shape}")
+    check_text_tensor(tensor.name, tensor.datatype, tensor.shape)
     size = (tensor.parameters or {}).get("binary_data_size")
     if size is not None:
         if tensor.data is not None:
@@ -100,20 +108,25 @@ def _input_texts(tensor: RequestInput, binary_tail: bytes) -> list[str]:
         raise InvalidInput(f"input '{tensor.name}' has no data")
     else:
         flat = _flatten(tensor.data)
-    expected = math.prod(tensor.shape)
+    return texts_from_elements(tensor.name, tensor.shape, flat)
+
+
+def texts_from_elements(name: str, shape: list[int], flat: list[Any]) -> list[str]:
+    """The texts of a BYTES input's flat elements (str or UTF-8 bytes), checked against its shape."""
+    expected = math.prod(shape)
     if len(flat) != expected:
-        raise InvalidInput(f"input '{tensor.name}' has shape {tensor.shape} ({expected} elements) but {len(flat)} data")
+        raise InvalidInput(f"input '{name}' has shape {shape} ({expected} elements) but {len(flat)} data")
     if not flat:
-        raise InvalidInput(f"input '{tensor.name}' is empty: send at least one string")
+        raise InvalidInput(f"input '{name}' is empty: send at least one string")
     texts = []
     for index, element in enumerate(flat):
         if isinstance(element, bytes):
             try:
                 element = element.decode("utf-8")
             except UnicodeDecodeError:
-                raise InvalidInput(f"input '{tensor.name}' element {index} is not UTF-8 text") from None
+                raise InvalidInput(f"input '{name}' element {index} is not UTF-8 text") from None
         if not isinstance(element, str):
-            raise InvalidInput(f"input '{tensor.name}' element {index} is {type(element).__name__}, not a string")
+            raise InvalidInput(f"input '{name}' element {index} is {type(element).__name__}, not a string")
         texts.append(element)
     return texts
 
@@ -128,7 +141,8 @@ def _flatten(data: list[Any]) -> list[Any]:
     return flat
 
 
-def _request_options(*parameter_sets: dict[str, Any] | None) -> RequestOptions:
+def request_options(*parameter_sets: dict[str, Any] | None) -> RequestOptions:
+    """Request options from `parameters` objects (request, then input), protocol parameters left out."""
     merged: dict[str, Any] = {}
     for parameters in parameter_sets:
         merged.update({k: v for k, v in (parameters or {}).items() if k not in _PROTOCOL_PARAMETERS})
