@@ -179,6 +179,9 @@ class VLLMBackend:
     async def start(self) -> None:
         if self.engine is not None:
             return
+        reason = cpu_unsupported_reason(self.source)
+        if reason:  # the engine would start, then die on its first request
+            raise ModelLoadError(f"the vllm backend cannot serve this model on a CPU: {reason}")
         if self.source.device.type == "cpu":
             for name, value in CPU_ENV_DEFAULTS.items():
                 os.environ.setdefault(name, value)
@@ -188,7 +191,21 @@ class VLLMBackend:
         model_config = self.engine.model_config
         self.max_model_len = int(model_config.max_model_len)
         self._max_logprobs = int(getattr(model_config, "max_logprobs", _DEFAULT_MAX_LOGPROBS))
+        try:
+            await self._warm_up()
+        except Exception as error:
+            await self.stop()
+            raise ModelLoadError(f"the vLLM engine failed its first request: {type(error).__name__}: {error}") from None
         logger.info("vLLM engine started: %s, max_model_len %d", self.source.path, self.max_model_len)
+
+    async def _warm_up(self) -> None:
+        """One token from a one-token prompt: a model the engine cannot run fails here, not on a client."""
+        token = self.tokenizer.bos_token_id
+        if token is None:
+            token = self.tokenizer.eos_token_id or 0
+        request = GenerationRequest("warm-up", (int(token),), SamplingOptions(max_tokens=1, temperature=0.0))
+        async for _ in self.generate(request):
+            pass
 
     @staticmethod
     def _build_engine(kwargs: dict[str, Any]) -> Any:
