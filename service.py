@@ -25,7 +25,7 @@ from handlers.loading import ModelLoadError, ModelSource, inspect_model
 from handlers.requests import PredictOptions, TaskResult
 from handlers.runtime import PredictiveRuntime
 from handlers.tasks import Task, TaskError
-from protocols import openai_embeddings, v1, v2, v2_binary
+from protocols import openai_embeddings, v1, v2, v2_binary, v2_grpc
 from protocols.errors import kserve_error_body, openai_error_body
 
 logger = logging.getLogger("hf_bentoml_server")
@@ -140,6 +140,24 @@ class HuggingFaceService:
         self.runtime = PredictiveRuntime(ARGS, SOURCE)
         self.timer = _Timer(ARGS.model_name)
         self.runtime.start_loading()
+        self.grpc_server: Any = None
+
+    @bentoml.on_startup
+    async def _start_grpc(self) -> None:
+        """The Open Inference Protocol over gRPC (KServe's port 8081), in this worker's event loop."""
+        if self.args.grpc_port is not None:
+            self.grpc_server = await v2_grpc.start_grpc_server(
+                self.runtime,
+                self.args.grpc_port,
+                server_name=SERVER_NAME,
+                server_version=SERVER_VERSION,
+                timer=self.timer,
+            )
+
+    @bentoml.on_shutdown
+    async def _stop_grpc(self) -> None:
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace=5)
 
     def __is_ready__(self) -> bool:
         return self.runtime.ready

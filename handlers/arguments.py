@@ -111,6 +111,12 @@ class ServerArguments(BaseModel):
     max_wait_ms: float = Field(2.0, ge=0, description="How long the batcher waits for more inputs once one is queued.")
     max_queue_size: int = Field(4096, gt=0, description="Queued inputs beyond which requests get 429.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
+    grpc_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of the Open Inference Protocol gRPC service (KServe: 8081); off when unset.",
+    )
     workers: int = Field(1, gt=0, description="BentoML worker processes (KServe's --workers).")
     gpus: int = Field(
         0,

@@ -14,7 +14,7 @@ from handlers.arguments import ArgumentError, parse_arguments
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 # KServe server flags and what they become; None: accepted for compatibility, nothing to do.
-_SERVER_FLAGS = {"http_port": "--port", "grpc_port": None, "enable_docs_url": None, "max_threads": None}
+_SERVER_FLAGS = {"http_port": "--port", "enable_docs_url": None, "max_threads": None}
 
 
 def kserve_to_bentoml(argv: list[str]) -> list[str]:

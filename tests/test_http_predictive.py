@@ -20,10 +20,11 @@ from openai import OpenAI
 
 from handlers.loading import default_model_dir
 from tests import reference
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, free_port
 
 SENTENCES = ["The capital of France is Paris.", "hello world", "a much longer sentence about the weather in paris"]
 MINILM = Path(default_model_dir())
+GRPC_PORT = free_port()
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,11 @@ def servers(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
     """One server per task, started together: sequence_classification, token_classification, fill_mask, embedding."""
     logs = tmp_path_factory.mktemp("server-logs")
     models = {
-        "sequence_classification": {"model_dir": str(tiny_models["sequence_classification"]), "model_name": "sst"},
+        "sequence_classification": {
+            "model_dir": str(tiny_models["sequence_classification"]),
+            "model_name": "sst",
+            "grpc_port": str(GRPC_PORT),
+        },
         "token_classification": {"model_dir": str(tiny_models["token_classification"]), "model_name": "ner"},
         "fill_mask": {"model_dir": str(tiny_models["fill_mask"]), "model_name": "bert"},
         "text_embedding": {"model_name": "minilm"},  # the embedded default model folder
@@ -197,6 +202,17 @@ def test_tritonclient_binary_and_json(servers, tiny_models):
     vectors = embedder.infer("minilm", [tensor]).as_numpy("output-0")
     assert vectors.shape == (3, 384)
     assert np.allclose(vectors, reference.mean_pooled_embeddings(MINILM, SENTENCES).numpy(), atol=1e-5)
+
+
+def test_grpc_served_beside_rest(servers, tiny_models):
+    import tritonclient.grpc as triton_grpc
+
+    logits = reference.classification_logits(tiny_models["sequence_classification"], SENTENCES)
+    client = triton_grpc.InferenceServerClient(f"127.0.0.1:{GRPC_PORT}")
+    assert client.is_server_ready() and client.is_model_ready("sst")
+    tensor = triton_grpc.InferInput("input-0", [3], "BYTES")
+    tensor.set_data_from_numpy(np.array(SENTENCES, dtype=object))
+    assert client.infer("sst", [tensor]).as_numpy("output-0").tolist() == logits.argmax(dim=-1).tolist()
 
 
 # --- routes, health, metrics ---
