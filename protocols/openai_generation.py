@@ -761,14 +761,9 @@ async def _chat_stream(
 
     try:
         # OpenAI's first chunk of each choice carries the role and empty content.
-        yield _sse(
-            chunk(
-                [
-                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                    for i in range(request.n)
-                ]
-            )
-        )
+        for i in range(request.n):
+            role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            yield _sse(chunk([role]))
         async for _, output in runner.outputs():
             for delta in output.choices:
                 completion_tokens += len(delta.token_ids)

@@ -431,3 +431,63 @@ def test_client_disconnect_frees_the_slot(llama: TransformersBackend) -> None:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+class RecordingBackend:
+    """A fake GenerationBackend: records requests and answers each choice with one token."""
+
+    name = "fake"
+
+    def __init__(self, tokenizer: Any, sampling_defaults: dict[str, Any]) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = 256
+        self.sampling_defaults = sampling_defaults
+        self.requests: list[GenerationRequest] = []
+
+    def unsupported(self, sampling: SamplingOptions) -> str | None:
+        return None
+
+    async def generate(self, request: GenerationRequest):  # type: ignore[no-untyped-def]
+        from handlers.generation.backend import ChoiceDelta, GenerationOutput
+
+        self.requests.append(request)
+        choices = tuple(ChoiceDelta(i, (7,), "x", finish_reason="length") for i in range(request.sampling.n))
+        yield GenerationOutput(request.request_id, len(request.prompt_token_ids), choices, finished=True)
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def test_default_precedence_request_then_generation_config_then_openai(llama: TransformersBackend) -> None:
+    backend = RecordingBackend(llama.tokenizer, {"temperature": 0.3, "top_k": 20, "max_tokens": 5})
+    assert isinstance(backend, GenerationBackend)
+    asyncio.run(create_completion(backend, {"prompt": "Hello"}))
+    asyncio.run(create_completion(backend, {"prompt": "Hello", "temperature": 0.9, "max_tokens": 9, "top_k": 0}))
+    asyncio.run(create_completion(RecordingBackend(llama.tokenizer, {}), {"prompt": "Hello"}))
+    defaults, explicit = backend.requests[0].sampling, backend.requests[1].sampling
+    assert (defaults.temperature, defaults.top_k, defaults.max_tokens, defaults.top_p) == (0.3, 20, 5, 1.0)
+    assert (explicit.temperature, explicit.top_k, explicit.max_tokens) == (0.9, 0, 9)
+    chat = RecordingBackend(llama.tokenizer, {})
+    response = asyncio.run(create_chat_completion(chat, {"messages": [{"role": "user", "content": "Hi"}]}))
+    prompt_tokens = response["usage"]["prompt_tokens"]
+    assert chat.requests[0].sampling.max_tokens == 256 - prompt_tokens  # chat: the rest of the context
+    assert chat.requests[0].sampling.temperature == 1.0  # OpenAI's default
+
+
+def test_t5_over_openai_and_overload(t5: TransformersBackend) -> None:
+    ids = t5.tokenizer(PROMPTS[0])["input_ids"]
+    expected = _reference(t5, ids, 8)
+    response = asyncio.run(create_completion(t5, {"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0}))
+    assert response["usage"]["completion_tokens"] == len(expected)
+    assert response["choices"][0]["text"] == t5.tokenizer.decode(expected, skip_special_tokens=True)
+    with pytest.raises(InvalidInput, match="echo"):
+        asyncio.run(create_completion(t5, {"prompt": "x", "echo": True, "logprobs": 1}))
+    limit, t5.max_queue_size = t5.max_queue_size, 0
+    try:
+        from handlers.errors import Overloaded
+
+        with pytest.raises(Overloaded):
+            asyncio.run(create_completion(t5, {"prompt": "x"}))
+    finally:
+        t5.max_queue_size = limit

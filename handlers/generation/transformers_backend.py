@@ -295,6 +295,12 @@ class _Batch:
         return batch
 
 
+def _put_all(items: list[tuple[_RequestState, GenerationOutput]]) -> None:
+    """On the event loop: hand each output to its request's queue."""
+    for state, output in items:
+        state.queue.put_nowait(output)
+
+
 def _cache_from(keys: list[torch.Tensor], values: list[torch.Tensor]) -> DynamicCache:
     """A DynamicCache holding the given tensors without copying them."""
     cache = DynamicCache()
@@ -416,6 +422,8 @@ class TransformersBackend:
     def unsupported(self, sampling: SamplingOptions) -> str | None:
         if sampling.n > self.max_num_seqs:
             return "n"
+        if self.is_encoder_decoder and sampling.prompt_logprobs is not None:
+            return "echo"  # the encoder input has no logprobs
         return None
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
@@ -595,6 +603,8 @@ class TransformersBackend:
                 ),
                 text=_TextState(sampling.stop, sampling.include_stop_str_in_output),
             )
+            if sampling.presence_penalty != 0.0 or sampling.frequency_penalty != 0.0:
+                row.counts = torch.zeros(logits.shape[-1], dtype=torch.float32, device=self._device)
             if sampling.repetition_penalty != 1.0:
                 row.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=self._device)
                 if not self.is_encoder_decoder:
@@ -732,9 +742,7 @@ class TransformersBackend:
         token = row.next_token
         row.generated.append(token)
         row.new_ids.append(token)
-        if sampling.presence_penalty != 0.0 or sampling.frequency_penalty != 0.0:
-            if row.counts is None:
-                row.counts = torch.zeros(self._vocab_size(), dtype=torch.float32, device=self._device)
+        if row.counts is not None:
             row.counts[token] += 1
         if row.seen is not None:
             row.seen[token] = True
@@ -770,11 +778,9 @@ class TransformersBackend:
             row.new_ids = []
             row.new_logprobs = []
 
-    def _vocab_size(self) -> int:
-        assert self.model is not None
-        return int(self.model.get_output_embeddings().weight.shape[0])
-
     def _emit(self, touched: list[_RequestState]) -> None:
+        # One call_soon_threadsafe per event loop and step (each wakes the loop through a socket).
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_RequestState, GenerationOutput]]] = {}
         for state in touched:
             if not state.pending or state.aborted or state.done:
                 state.pending = []
@@ -791,7 +797,13 @@ class TransformersBackend:
             state.sent_first = True
             if finished:
                 state.done = True
-            state.deliver(output)
+            by_loop.setdefault(state.loop, []).append((state, output))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                for state, _ in items:
+                    state.aborted = True
 
     # ---- for tests and benchmarks ----
 
