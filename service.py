@@ -7,6 +7,7 @@ Routes never touch torch: predictive work goes through the runtime's batcher thr
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 import sys
 import time
@@ -17,16 +18,19 @@ from typing import Any
 
 import bentoml
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from handlers.arguments import ArgumentError, ServerArguments, parse_arguments
 from handlers.errors import InvalidInput, ModelNotFound, ServingError, UnsupportedMediaType
+from handlers.generation.backend import GenerationBackend
+from handlers.generation.select import build_generation_backend, vllm_unavailable_reason
 from handlers.loading import ModelLoadError, ModelSource, inspect_model
 from handlers.requests import PredictOptions, TaskResult
 from handlers.runtime import PredictiveRuntime
 from handlers.tasks import Task, TaskError
-from protocols import openai_embeddings, v1, v2, v2_binary, v2_grpc
+from protocols import openai_embeddings, openai_generation, v1, v2, v2_binary, v2_grpc
 from protocols.errors import kserve_error_body, openai_error_body
+from protocols.kserve_generation import GenerativeRuntime
 
 logger = logging.getLogger("hf_bentoml_server")
 
@@ -39,7 +43,12 @@ def _settle_model() -> tuple[ServerArguments, ModelSource]:
     task or tokenizer stops the start with its reason instead of a worker that restarts forever."""
     try:
         args = parse_arguments(vars(bentoml.use_arguments()))
-        return args, inspect_model(args)
+        source = inspect_model(args)
+        if source.task.is_generative and args.backend == "vllm":
+            reason = vllm_unavailable_reason(source)
+            if reason:
+                raise ModelLoadError(f"backend 'vllm' was asked for but cannot serve this model: {reason}")
+        return args, source
     except (ArgumentError, ModelLoadError, TaskError) as error:
         print(f"hf-bentoml-server cannot start: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
@@ -101,6 +110,16 @@ def _decompress(body: bytes, encoding: str) -> bytes:
     return body
 
 
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        parsed = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InvalidInput(f"the body is not valid JSON: {error}") from None
+    if not isinstance(parsed, dict):
+        raise InvalidInput("the body must be a JSON object")
+    return parsed
+
+
 class _Timer:
     """Observes one stage's duration in KServe's per-model histograms."""
 
@@ -137,14 +156,22 @@ class HuggingFaceService:
 
     def __init__(self) -> None:
         self.args = ARGS
-        self.runtime = PredictiveRuntime(ARGS, SOURCE)
         self.timer = _Timer(ARGS.model_name)
-        self.runtime.start_loading()
+        self.generation: GenerationBackend | None = None
+        self.runtime: PredictiveRuntime | GenerativeRuntime
+        if SOURCE.task.is_generative:
+            self.generation = build_generation_backend(SOURCE, ARGS)
+            self.runtime = GenerativeRuntime(self.generation, ARGS, SOURCE)  # started in the event loop below
+        else:
+            self.runtime = PredictiveRuntime(ARGS, SOURCE)
+            self.runtime.start_loading()
         self.grpc_server: Any = None
 
     @bentoml.on_startup
-    async def _start_grpc(self) -> None:
-        """The Open Inference Protocol over gRPC (KServe's port 8081), in this worker's event loop."""
+    async def _start(self) -> None:
+        """The generation engine and the gRPC service (KServe's port 8081) live in this worker's event loop."""
+        if isinstance(self.runtime, GenerativeRuntime):
+            self.runtime.start_loading()
         if self.args.grpc_port is not None:
             self.grpc_server = await v2_grpc.start_grpc_server(
                 self.runtime,
@@ -155,9 +182,11 @@ class HuggingFaceService:
             )
 
     @bentoml.on_shutdown
-    async def _stop_grpc(self) -> None:
+    async def _stop(self) -> None:
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=5)
+        if isinstance(self.runtime, GenerativeRuntime):
+            await self.runtime.stop()
 
     def __is_ready__(self) -> bool:
         return self.runtime.ready
@@ -168,7 +197,7 @@ class HuggingFaceService:
         if name != self.args.model_name:
             raise ModelNotFound(name)
 
-    async def _predict(self, texts: list[str], options: PredictOptions) -> TaskResult:
+    async def _predict(self, texts: list[str], options: Any) -> TaskResult:
         return await self.timer.run("predict", lambda: self.runtime.predict(texts, options))
 
     # --- KServe root and V1 ---
@@ -275,3 +304,29 @@ class HuggingFaceService:
             raise ModelNotFound(embedding_request.model)
         result = await self._predict(texts, self.runtime.options_for(None))
         return JSONResponse(openai_embeddings.embedding_response(embedding_request, self.args.model_name, result))
+
+    @app.post(OPENAI_PREFIX + "/v1/completions")
+    async def openai_completions(self, request: Request) -> Response:
+        return await self._generate(request, openai_generation.create_completion)
+
+    @app.post(OPENAI_PREFIX + "/v1/chat/completions")
+    async def openai_chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, openai_generation.create_chat_completion)
+
+    async def _generate(self, request: Request, create: Callable[..., Awaitable[Any]]) -> Response:
+        _require_json(request)
+        if self.generation is None:
+            raise InvalidInput(
+                f"model '{self.args.model_name}' serves {self.runtime.source.task.value}; "
+                "completions need a text_generation or text2text_generation model"
+            )
+        body = _json_object(await request.body())
+        if body.get("model") not in (None, self.args.model_name):
+            raise ModelNotFound(str(body.get("model")))
+        if not self.runtime.ready:
+            raise self.runtime.not_ready_error()
+        result = await create(self.generation, body, model_name=self.args.model_name)
+        if isinstance(result, dict):
+            return JSONResponse(result)
+        # Starlette cancels the stream when the client disconnects, which frees the request's slot.
+        return StreamingResponse(result, media_type="text/event-stream", headers={"cache-control": "no-cache"})

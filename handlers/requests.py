@@ -29,10 +29,32 @@ class RequestOptions(BaseModel):
     return_raw_logits: bool | None = Field(None, description="Raw logits instead of the argmax.")
     return_offsets_mapping: bool | None = Field(None, description="Add the tokens' character offsets.")
     labels: bool = Field(False, description="Label names from the config's id2label instead of class indices.")
-    top_k: int | None = Field(None, gt=0, description="fill_mask: the k best tokens per mask with scores.")
+    top_k: int | None = Field(
+        None, gt=0, description="fill_mask: the k best tokens per mask with scores; generation: top-k sampling."
+    )
     aggregation_strategy: Literal["none", "simple"] = Field(
         "none", description="token_classification: 'simple' merges tokens into entity spans."
     )
+    # Text generation over V1/V2, by OpenAI's completion names and meanings.
+    max_tokens: int | None = Field(None, gt=0, description="generation: most tokens to generate.")
+    temperature: float | None = Field(None, ge=0, description="generation: 0 is greedy.")
+    top_p: float | None = Field(None, gt=0, le=1, description="generation: nucleus sampling.")
+    seed: int | None = Field(None, description="generation: seed for reproducible sampling.")
+    stop: str | list[str] | None = Field(None, description="generation: stop strings, left out of the text.")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="generation: OpenAI's presence penalty.")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="generation: OpenAI's frequency penalty.")
+
+    def fields_set_among(self, names: frozenset[str]) -> list[str]:
+        """Which of `names` the request set, for refusing options that do not apply to a task."""
+        return sorted(name for name in self.model_fields_set if name in names)
+
+
+PREDICTIVE_ONLY_OPTIONS = frozenset(
+    {"return_probabilities", "return_raw_logits", "return_offsets_mapping", "labels", "aggregation_strategy"}
+)
+GENERATION_ONLY_OPTIONS = frozenset(
+    {"max_tokens", "temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty"}
+)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from handlers.batcher import MicroBatcher
 from handlers.errors import InvalidInput, NotReady, ServingError
 from handlers.loading import ModelSource, inspect_model
 from handlers.registry import handler_class_for
-from handlers.requests import PredictOptions, RequestOptions, TaskResult
+from handlers.requests import GENERATION_ONLY_OPTIONS, PredictOptions, RequestOptions, TaskResult
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,11 @@ class PredictiveRuntime:
         return NotReady(f"model '{self.args.model_name}' is still loading; retry shortly")
 
     def options_for(self, request: RequestOptions | None) -> PredictOptions:
+        misplaced = request.fields_set_among(GENERATION_ONLY_OPTIONS) if request else []
+        if misplaced:
+            raise InvalidInput(
+                f"{', '.join(misplaced)} apply to text generation; this model serves {self.source.task.value}"
+            )
         options = PredictOptions.merge(self.args, request)
         if options.top_k is not None and self.source.task.value != "fill_mask":
             raise InvalidInput("top_k applies to fill_mask models only", param="top_k")
