@@ -4,8 +4,11 @@ Starts `python -m vllm.entrypoints.openai.api_server` on 127.0.0.1 with the tiny
 tests/tiny_models.py (or --model), then sends streamed /v1/completions requests of --tokens tokens
 each (ignore_eos, greedy) at concurrency 1, 8 and 32 and measures output tokens/s, TTFT (time to the
 first token) and TPOT (time per output token after the first). With --ours URL (e.g.
-http://127.0.0.1:3000/openai/v1, a server already running) the same load goes to our server too.
-Prints a table and writes JSON to benchmarks/results/.
+http://127.0.0.1:3000/openai/v1, a server already running, best on the same model folder) the same
+load goes to our server too; the two take turns at each concurrency, so both see the same machine.
+TPOT is (last token - first token) / (tokens - 1) per request: a server that delivers tokens in bursts
+shows a low TPOT and a higher TTFT, so compare latency p50 as well. Prints a table and writes JSON
+to benchmarks/results/.
 
     .venv/bin/python -m benchmarks.vllm_side_by_side [--ours http://127.0.0.1:3000/openai/v1]
         [--model DIR] [--concurrency 1 8 32] [--tokens 64] [--vllm-arg=--enforce-eager ...]
@@ -147,7 +150,7 @@ async def one_request(
     if first is None or last is None:
         raise RuntimeError("the stream had no text")
     count = completion_tokens if completion_tokens is not None else chunks
-    return {"ttft": first - started, "tokens": count, "decode": last - first, "end": last}
+    return {"ttft": first - started, "tokens": count, "decode": last - first, "latency": last - started}
 
 
 async def run_level(base_url: str, model: str, concurrency: int, requests: int, tokens: int) -> dict[str, Any]:
@@ -186,20 +189,25 @@ async def run_level(base_url: str, model: str, concurrency: int, requests: int, 
         "ttft_p99_ms": 1000 * ttfts[int(0.99 * (len(ttfts) - 1))],
         "tpot_p50_ms": 1000 * statistics.median(tpots) if tpots else float("nan"),
         "tpot_p99_ms": 1000 * tpots[int(0.99 * (len(tpots) - 1))] if tpots else float("nan"),
+        "latency_p50_ms": 1000 * statistics.median(r["latency"] for r in results),
     }
 
 
-async def measure(
-    label: str, base_url: str, levels: list[int], tokens: int, rounds: int, model: str | None
-) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as session:
-        model = model or await model_name(session, base_url)
-    await run_level(base_url, model, 2, 4, tokens)  # warm-up
-    figures: dict[str, Any] = {"url": base_url, "model": model, "levels": {}}
+async def measure(targets: dict[str, tuple[str, str | None]], levels: list[int], tokens: int, rounds: int) -> dict:
+    """Every level on every target, the targets taking turns per level so both see the same machine."""
+    figures: dict[str, Any] = {}
+    models: dict[str, str] = {}
+    for label, (base_url, model) in targets.items():
+        async with aiohttp.ClientSession() as session:
+            models[label] = model or await model_name(session, base_url)
+        await run_level(base_url, models[label], 2, 4, tokens)  # warm-up
+        figures[label] = {"url": base_url, "model": models[label], "levels": {}}
     for concurrency in levels:
         requests = max(rounds * concurrency, 8)
-        print(f"{label}: concurrency {concurrency}, {requests} requests of {tokens} tokens ...", flush=True)
-        figures["levels"][str(concurrency)] = await run_level(base_url, model, concurrency, requests, tokens)
+        for label, (base_url, _) in targets.items():
+            print(f"{label}: concurrency {concurrency}, {requests} requests of {tokens} tokens ...", flush=True)
+            result = await run_level(base_url, models[label], concurrency, requests, tokens)
+            figures[label]["levels"][str(concurrency)] = result
     return figures
 
 
@@ -221,35 +229,33 @@ def main() -> None:
         parser.error("--no-vllm needs --ours")
 
     figures: dict[str, Any] = {"tokens": options.tokens, "concurrency": options.concurrency}
-    targets: dict[str, dict[str, Any]] = {}
+    urls: dict[str, tuple[str, str | None]] = {}
+    server = None
     if not options.no_vllm:
-        server = None
-        url = options.vllm_url
-        if url is None:
+        if options.vllm_url:
+            urls["vllm"] = (options.vllm_url, None)
+        else:
             model = options.model or tiny_llama()
             extra = ["--max-model-len", str(options.max_model_len), "--disable-log-stats", *options.vllm_arg]
             server = VLLMServer(model, "tiny-llama", extra, Path("/tmp/vllm-side-by-side-server.log"))
             figures["vllm_server"] = {"model": str(model), "args": extra}
             print(f"starting vLLM's server on {server.url} (log {server.log_path}) ...", flush=True)
-        try:
-            if server is not None:
-                asyncio.run(server.wait_ready(options.start_timeout))
-                figures["vllm_server"]["start_seconds"] = server.start_seconds
-                print(f"vLLM server ready in {server.start_seconds:.1f} s", flush=True)
-                url = server.url
-            assert url is not None
-            levels, tokens, rounds = options.concurrency, options.tokens, options.rounds
-            targets["vllm"] = asyncio.run(measure("vllm", url, levels, tokens, rounds, None))
-        finally:
-            if server is not None:
-                server.stop()
+            urls["vllm"] = (server.url, None)
     if options.ours:
-        targets["ours"] = asyncio.run(
-            measure("ours", options.ours, options.concurrency, options.tokens, options.rounds, options.ours_model)
-        )
+        urls["ours"] = (options.ours, options.ours_model)
+    try:
+        if server is not None:
+            asyncio.run(server.wait_ready(options.start_timeout))
+            figures["vllm_server"]["start_seconds"] = server.start_seconds
+            print(f"vLLM server ready in {server.start_seconds:.1f} s", flush=True)
+        targets = asyncio.run(measure(urls, options.concurrency, options.tokens, options.rounds))
+    finally:
+        if server is not None:
+            server.stop()
     figures["targets"] = targets
 
     header = ["server", "conc.", "requests", "out tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms"]
+    header.append("latency p50 ms")
     rows = []
     for concurrency in options.concurrency:
         for label, target in targets.items():
@@ -264,6 +270,7 @@ def main() -> None:
                     f"{r['ttft_p99_ms']:.1f}",
                     f"{r['tpot_p50_ms']:.2f}",
                     f"{r['tpot_p99_ms']:.2f}",
+                    f"{r['latency_p50_ms']:.0f}",
                 ]
             )
         if len(targets) == 2:
@@ -272,7 +279,7 @@ def main() -> None:
                 / targets["vllm"]["levels"][str(concurrency)]["output_tokens_per_s"]
             )
             figures.setdefault("ours_over_vllm_tokens_per_s", {})[str(concurrency)] = ratio
-            rows.append(["ours/vllm", str(concurrency), "", f"{ratio:.2f}x", "", "", "", ""])
+            rows.append(["ours/vllm", str(concurrency), "", f"{ratio:.2f}x", "", "", "", "", ""])
     print()
     print_table(header, rows)
     write_results("vllm_side_by_side", figures)
