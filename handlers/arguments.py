@@ -108,9 +108,15 @@ class ServerArguments(BaseModel):
     max_log_len: int | None = Field(None, ge=0, description="Characters of each input to log; all when unset.")
     max_batch_size: int = Field(32, gt=0, description="Most inputs the batcher puts in one forward pass.")
     max_batch_tokens: int = Field(16384, gt=0, description="Token budget of one forward pass (padded length x inputs).")
-    max_wait_ms: float = Field(2.0, ge=0, description="How long the batcher waits for more inputs once one is queued.")
+    max_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        description="How long the batcher waits for more inputs after the first; 0 takes what is queued, "
+        "which under load is a full batch anyway (requests queue while the model runs).",
+    )
     max_queue_size: int = Field(4096, gt=0, description="Queued inputs beyond which requests get 429.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
+    access_log: bool = Field(False, description="Log one line per HTTP request (BentoML's access log).")
     grpc_port: int | None = Field(
         None,
         ge=0,
