@@ -91,3 +91,28 @@ def test_every_argument_is_documented_in_the_readme():
     readme = (Path(PROJECT_DIR) / "README.md").read_text()
     missing = [name for name in sorted(argument_names()) if f"`{name}`" not in readme]
     assert not missing, f"arguments missing from README.md: {missing}"
+
+
+def test_model_id_is_read_from_the_hub_cache_offline(tiny_models, tmp_path):
+    """model_id + revision resolve through huggingface_hub's cache layout with HF_HUB_OFFLINE=1."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-sst"
+    shutil.copytree(tiny_models["sequence_classification"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    script = (
+        "from handlers.arguments import parse_arguments; from handlers.loading import inspect_model;"
+        "s = inspect_model(parse_arguments({'model_id': 'tiny-org/tiny-sst'}, environ={}));"
+        "print(s.task.value, s.path.name)"
+    )
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_DIR, env=env, capture_output=True, text=True)
+    assert done.stdout.split() == ["sequence_classification", commit], done.stderr
+    missing = subprocess.run(
+        [sys.executable, "-c", script.replace("tiny-sst", "absent")], cwd=PROJECT_DIR, env=env, capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert missing.returncode != 0
+    assert "model_id 'tiny-org/absent' could not be found (HF_HUB_OFFLINE is set" in missing.stderr
