@@ -31,7 +31,9 @@ def vllm_unavailable_reason(source: ModelSource) -> str | None:
     missing = [arch for arch in architectures if arch not in supported]
     if missing:
         return f"vLLM's model registry has no {', '.join(missing)}"
-    return None
+    from handlers.generation.vllm_backend import cpu_unsupported_reason
+
+    return cpu_unsupported_reason(source)
 
 
 def build_generation_backend(source: ModelSource, args: ServerArguments) -> GenerationBackend:
