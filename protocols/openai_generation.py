@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -199,24 +199,25 @@ class ChatCompletionRequest(_SamplingFields):
         return result
 
 
-def parse_completion_request(body: Mapping[str, Any]) -> CompletionRequest:
+_Request = TypeVar("_Request", CompletionRequest, ChatCompletionRequest)
+
+
+def _parse(model: type[_Request], body: Mapping[str, Any], what: str) -> _Request:
     try:
-        request = CompletionRequest.model_validate(body)
+        request = model.model_validate(body)
     except ValidationError as error:
-        raise invalid_from_validation(error, "completion request") from None
-    request.log_ignored("completions")
+        raise invalid_from_validation(error, f"{what} request") from None
+    request.log_ignored(what)
     request.refuse_unsupported()
     return request
+
+
+def parse_completion_request(body: Mapping[str, Any]) -> CompletionRequest:
+    return _parse(CompletionRequest, body, "completion")
 
 
 def parse_chat_request(body: Mapping[str, Any]) -> ChatCompletionRequest:
-    try:
-        request = ChatCompletionRequest.model_validate(body)
-    except ValidationError as error:
-        raise invalid_from_validation(error, "chat completion request") from None
-    request.log_ignored("chat completions")
-    request.refuse_unsupported()
-    return request
+    return _parse(ChatCompletionRequest, body, "chat completion")
 
 
 # --------------------------------------------------------------------------------------------------
