@@ -14,11 +14,12 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Any, TypeVar
 
 import bentoml
+import orjson
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from handlers.arguments import ArgumentError, ServerArguments, parse_arguments
 from handlers.errors import InvalidInput, ModelNotFound, ServingError, UnsupportedMediaType
@@ -33,6 +34,7 @@ from protocols.errors import kserve_error_body, openai_error_body
 from protocols.kserve_generation import GenerativeRuntime
 
 logger = logging.getLogger("hf_bentoml_server")
+_Endpoint = TypeVar("_Endpoint", bound=Callable[..., Any])
 
 SERVER_NAME = "hf-bentoml-server"
 OPENAI_PREFIX = "/openai"
@@ -77,13 +79,39 @@ _JSON_TYPES = {"", "application/json", "application/x-www-form-urlencoded", "tex
 app = FastAPI(title="Hugging Face model server", version=SERVER_VERSION)
 
 
+def _json_response(body: Any, status_code: int = 200) -> Response:
+    """orjson: several times faster than the standard library on embedding-sized float lists."""
+    return Response(orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS), status_code, media_type="application/json")
+
+
+def _route(method: str, *paths: str) -> Callable[[_Endpoint], _Endpoint]:
+    """Marks a service method as the endpoint of `paths`; __init__ mounts it bound to the instance.
+
+    Bound methods need no per-request dependency to find the service (BentoML's class views resolve
+    one in a thread pool for every request), which is a measurable share of a small model's request.
+    """
+
+    def mark(endpoint: _Endpoint) -> _Endpoint:
+        routes = [*getattr(endpoint, "__routes__", []), *((method, path) for path in paths)]
+        endpoint.__routes__ = routes  # type: ignore[attr-defined]
+        return endpoint
+
+    return mark
+
+
+def _mount_routes(service: object) -> None:
+    for name, member in vars(type(service)).items():
+        for method, path in getattr(member, "__routes__", []):
+            app.add_api_route(path, getattr(service, name), methods=[method], response_model=None)
+
+
 @app.exception_handler(ServingError)
-async def _serving_error(request: Request, error: ServingError) -> JSONResponse:
+async def _serving_error(request: Request, error: ServingError) -> Response:
     openai_route = request.url.path.startswith(OPENAI_PREFIX)
     body = openai_error_body(error) if openai_route else kserve_error_body(error)
     if error.status_code >= 500:
         logger.warning("%s %s -> %d: %s", request.method, request.url.path, error.status_code, error.message)
-    return JSONResponse(body, status_code=error.status_code)
+    return _json_response(body, status_code=error.status_code)
 
 
 def _content_type(request: Request) -> str:
@@ -153,7 +181,7 @@ def _resources() -> dict[str, Any]:
     logging={"access": {"enabled": ARGS.access_log}},
 )
 @bentoml.asgi_app(app, path="/")
-class HuggingFaceService:
+class HuggingFaceService:  # routes are mounted per instance by _mount_routes
     """Serves one Hugging Face model over KServe V1, Open Inference Protocol V2 and OpenAI routes."""
 
     def __init__(self) -> None:
@@ -168,6 +196,7 @@ class HuggingFaceService:
             self.runtime = PredictiveRuntime(ARGS, SOURCE)
             self.runtime.start_loading()
         self.grpc_server: Any = None
+        _mount_routes(self)
 
     @bentoml.on_startup
     async def _start(self) -> None:
@@ -204,22 +233,22 @@ class HuggingFaceService:
 
     # --- KServe root and V1 ---
 
-    @app.get("/")
+    @_route("GET", "/")
     async def root(self) -> dict[str, str]:
         return {"status": "alive"}
 
-    @app.get("/v1/models")
+    @_route("GET", "/v1/models")
     async def v1_models(self) -> dict[str, Any]:
         return v1.models_response([self.args.model_name])
 
-    @app.get("/v1/models/{name}")
-    async def v1_model_status(self, name: str) -> JSONResponse:
+    @_route("GET", "/v1/models/{name}")
+    async def v1_model_status(self, name: str) -> Response:
         self._check_name(name)
         if not self.runtime.ready:
             raise self.runtime.not_ready_error()
-        return JSONResponse(v1.model_status_response(name, True))
+        return _json_response(v1.model_status_response(name, True))
 
-    @app.post("/v1/models/{name}:predict")
+    @_route("POST", "/v1/models/{name}:predict")
     async def v1_predict(self, name: str, request: Request) -> Response:
         self._check_name(name)
         _require_json(request)
@@ -229,42 +258,39 @@ class HuggingFaceService:
         self.timer.observe("preprocess", started)
         result = await self._predict(texts, options)
         started = time.perf_counter()
-        response = JSONResponse(v1.predict_response(result))
+        response = _json_response(v1.predict_response(result))
         self.timer.observe("postprocess", started)
         return response
 
     # --- Open Inference Protocol (V2) ---
 
-    @app.get("/v2")
+    @_route("GET", "/v2")
     async def v2_server_metadata(self) -> dict[str, Any]:
         return v2.server_metadata(SERVER_NAME, SERVER_VERSION)
 
-    @app.get("/v2/health/live")
+    @_route("GET", "/v2/health/live")
     async def v2_live(self) -> dict[str, bool]:
         return {"live": True}
 
-    @app.get("/v2/health/ready")
-    async def v2_ready(self) -> JSONResponse:
+    @_route("GET", "/v2/health/ready")
+    async def v2_ready(self) -> Response:
         ready = self.runtime.ready
-        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+        return _json_response({"ready": ready}, status_code=200 if ready else 503)
 
-    @app.get("/v2/models/{name}")
-    @app.get("/v2/models/{name}/versions/{model_version}")
+    @_route("GET", "/v2/models/{name}", "/v2/models/{name}/versions/{model_version}")
     async def v2_model_metadata(self, name: str, model_version: str | None = None) -> dict[str, Any]:
         self._check_name(name)
         handler = self.runtime.handler
         options = PredictOptions.merge(self.args, None)
         return v2.model_metadata(name, "huggingface", handler.input_specs(), handler.output_specs(options))
 
-    @app.get("/v2/models/{name}/ready")
-    @app.get("/v2/models/{name}/versions/{model_version}/ready")
-    async def v2_model_ready(self, name: str, model_version: str | None = None) -> JSONResponse:
+    @_route("GET", "/v2/models/{name}/ready", "/v2/models/{name}/versions/{model_version}/ready")
+    async def v2_model_ready(self, name: str, model_version: str | None = None) -> Response:
         self._check_name(name)
         ready = self.runtime.ready
-        return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
+        return _json_response({"name": name, "ready": ready}, status_code=200 if ready else 503)
 
-    @app.post("/v2/models/{name}/infer")
-    @app.post("/v2/models/{name}/versions/{model_version}/infer")
+    @_route("POST", "/v2/models/{name}/infer", "/v2/models/{name}/versions/{model_version}/infer")
     async def v2_infer(self, name: str, request: Request, model_version: str | None = None) -> Response:
         self._check_name(name)
         kind = _content_type(request)
@@ -287,12 +313,12 @@ class HuggingFaceService:
 
     # --- OpenAI ---
 
-    @app.get(OPENAI_PREFIX + "/v1/models")
+    @_route("GET", OPENAI_PREFIX + "/v1/models")
     async def openai_models(self) -> dict[str, Any]:
         return openai_embeddings.models_response([self.args.model_name])
 
-    @app.post(OPENAI_PREFIX + "/v1/embeddings")
-    async def openai_embeddings(self, request: Request) -> JSONResponse:
+    @_route("POST", OPENAI_PREFIX + "/v1/embeddings")
+    async def openai_embeddings(self, request: Request) -> Response:
         _require_json(request)
         if self.runtime.source.task != Task.text_embedding:
             raise InvalidInput(
@@ -305,13 +331,13 @@ class HuggingFaceService:
         if embedding_request.model not in (None, self.args.model_name):
             raise ModelNotFound(embedding_request.model)
         result = await self._predict(texts, self.runtime.options_for(None))
-        return JSONResponse(openai_embeddings.embedding_response(embedding_request, self.args.model_name, result))
+        return _json_response(openai_embeddings.embedding_response(embedding_request, self.args.model_name, result))
 
-    @app.post(OPENAI_PREFIX + "/v1/completions")
+    @_route("POST", OPENAI_PREFIX + "/v1/completions")
     async def openai_completions(self, request: Request) -> Response:
         return await self._generate(request, openai_generation.create_completion)
 
-    @app.post(OPENAI_PREFIX + "/v1/chat/completions")
+    @_route("POST", OPENAI_PREFIX + "/v1/chat/completions")
     async def openai_chat_completions(self, request: Request) -> Response:
         return await self._generate(request, openai_generation.create_chat_completion)
 
@@ -329,6 +355,6 @@ class HuggingFaceService:
             raise self.runtime.not_ready_error()
         result = await create(self.generation, body, model_name=self.args.model_name)
         if isinstance(result, dict):
-            return JSONResponse(result)
+            return _json_response(result)
         # Starlette cancels the stream when the client disconnects, which frees the request's slot.
         return StreamingResponse(result, media_type="text/event-stream", headers={"cache-control": "no-cache"})
