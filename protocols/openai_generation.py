@@ -25,7 +25,6 @@ refused by name with a 400; unknown fields are accepted and logged.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -33,6 +32,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from handlers.errors import InvalidInput, ServingError
@@ -403,6 +403,8 @@ class _Runner:
             raise
         self.first = [f.result() for f in firsts]
         self.tasks = []
+        if len(self.generators) == 1:
+            return  # one stream: outputs() reads it directly, without a pump task and queue hop per token
         for position, generator in enumerate(self.generators):
             if not self.first[position].finished:  # type: ignore[union-attr]
                 self.tasks.append(asyncio.create_task(self._pump(position, generator)))
@@ -422,6 +424,11 @@ class _Runner:
         for position, output in enumerate(self.first):
             if output is not None:
                 yield position, output
+        if len(self.generators) == 1:
+            if self.first[0] is not None and not self.first[0].finished:
+                async for output in self.generators[0]:
+                    yield 0, output
+            return
         running = len(self.tasks)
         while running:
             position, item = await self.queue.get()
@@ -459,7 +466,7 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def _sse(payload: Mapping[str, Any] | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    data = payload if isinstance(payload, str) else orjson.dumps(payload).decode()
     return f"data: {data}\n\n"
 
 
