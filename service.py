@@ -25,7 +25,7 @@ from handlers.arguments import ArgumentError, ServerArguments, parse_arguments
 from handlers.errors import InvalidInput, ModelNotFound, ServingError, UnsupportedMediaType
 from handlers.generation.backend import GenerationBackend
 from handlers.generation.select import build_generation_backend, vllm_unavailable_reason
-from handlers.loading import ModelLoadError, ModelSource, inspect_model
+from handlers.loading import ModelLoadError, ModelSource, apply_torch_threads, inspect_model
 from handlers.requests import PredictOptions, TaskResult
 from handlers.runtime import PredictiveRuntime
 from handlers.tasks import Task, TaskError
@@ -186,6 +186,7 @@ class HuggingFaceService:  # routes are mounted per instance by _mount_routes
 
     def __init__(self) -> None:
         self.args = ARGS
+        apply_torch_threads(ARGS)
         self.timer = _Timer(ARGS.model_name)
         self.generation: GenerationBackend | None = None
         self.runtime: PredictiveRuntime | GenerativeRuntime

@@ -115,6 +115,9 @@ class ServerArguments(BaseModel):
         "which under load is a full batch anyway (requests queue while the model runs).",
     )
     max_queue_size: int = Field(4096, gt=0, description="Queued inputs beyond which requests get 429.")
+    torch_threads: int | None = Field(
+        None, gt=0, description="torch intra-op threads; torch's default when unset. 1 suits small models on few cores."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
     access_log: bool = Field(False, description="Log one line per HTTP request (BentoML's access log).")
     grpc_port: int | None = Field(

@@ -65,6 +65,12 @@ def resolve_model_path(args: ServerArguments) -> Path:
     return model_dir
 
 
+def apply_torch_threads(args: ServerArguments) -> None:
+    """Per-process: small models on few cores run faster on one thread than on a contended pool."""
+    if args.torch_threads is not None:
+        torch.set_num_threads(args.torch_threads)
+
+
 def resolve_device(args: ServerArguments) -> torch.device:
     if args.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
