@@ -524,6 +524,25 @@ def _chat_logprobs(entries: list[TokenLogprobs]) -> dict[str, Any]:
     return {"content": content, "refusal": None}
 
 
+async def _sse_stream(events: AsyncIterator[dict[str, Any]], runner: _Runner, what: str) -> AsyncIterator[str]:
+    """SSE lines for a stream's chunks; an error after the first byte becomes an error event, then
+    `[DONE]`; the requests are aborted however the stream ends (client gone included)."""
+    try:
+        async for event in events:
+            yield _sse(event)
+    except ServingError as error:
+        yield _sse(openai_error_body(error))
+    except asyncio.CancelledError:
+        raise
+    except Exception as error:
+        logger.exception("%s stream failed", what)
+        yield _sse(openai_error_body(ServingError(f"generation failed: {error}")))
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+        await runner.close()
+    yield _sse("[DONE]")
+
+
 async def _prepare(function: Any, *args: Any) -> Any:
     """Tokenization and chat templates run on a worker thread, off the event loop."""
     return await asyncio.to_thread(function, *args)
@@ -547,7 +566,7 @@ async def create_completion(
     prompts = request.prompts()
     context = _CompletionContext(backend, request, generation_requests, prompts, request_id, model)
     if request.stream:
-        return _completion_stream(runner, context)
+        return _sse_stream(_completion_stream(runner, context), runner, "completion")
     try:
         return await _completion_response(runner, context)
     finally:
@@ -628,7 +647,7 @@ def _collect(choice: _Choice, delta: ChoiceDelta) -> None:
         choice.stop_reason = delta.stop_reason
 
 
-async def _completion_stream(runner: _Runner, context: _CompletionContext) -> AsyncIterator[str]:
+async def _completion_stream(runner: _Runner, context: _CompletionContext) -> AsyncIterator[dict[str, Any]]:
     request = context.request
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     prompt_tokens = sum(len(r.prompt_token_ids) for r in context.generation_requests)
@@ -648,51 +667,35 @@ async def _completion_stream(runner: _Runner, context: _CompletionContext) -> As
             body["usage"] = None
         return body
 
-    try:
-        async for position, output in runner.outputs():
-            for delta in output.choices:
-                index = context.choice_index(position, delta.index)
-                completion_tokens += len(delta.token_ids)
-                text, logprobs = delta.text, None
-                head_text, head = "", None
-                if request.echo and index not in echoed:
-                    echoed.add(index)
-                    head_text, head = context.echo_head(position, output)
-                    text = head_text + text
-                if request.logprobs is not None:
-                    offset = offsets.get(index, 0) + len(head_text)
-                    tail = _completion_logprobs(list(delta.logprobs or ()), offset)
-                    logprobs = _merge_logprobs(head, tail)
-                    offsets[index] = offset + sum(len(t) for t in tail["tokens"])
-                if not text and delta.finish_reason is None and not logprobs:
-                    continue
-                yield _sse(
-                    chunk(
-                        [
-                            {
-                                "index": index,
-                                "text": text,
-                                "logprobs": logprobs,
-                                "finish_reason": delta.finish_reason,
-                                "stop_reason": delta.stop_reason,
-                            }
-                        ]
-                    )
-                )
-        if include_usage:
-            final = chunk([])
-            final["usage"] = _usage(prompt_tokens, completion_tokens)
-            yield _sse(final)
-    except ServingError as error:
-        yield _sse(openai_error_body(error))
-    except asyncio.CancelledError:
-        raise
-    except Exception as error:
-        logger.exception("completion stream failed")
-        yield _sse(openai_error_body(ServingError(f"generation failed: {error}")))
-    finally:
-        await runner.close()
-    yield _sse("[DONE]")
+    async for position, output in runner.outputs():
+        for delta in output.choices:
+            index = context.choice_index(position, delta.index)
+            completion_tokens += len(delta.token_ids)
+            text, logprobs = delta.text, None
+            head_text, head = "", None
+            if request.echo and index not in echoed:
+                echoed.add(index)
+                head_text, head = context.echo_head(position, output)
+                text = head_text + text
+            if request.logprobs is not None:
+                offset = offsets.get(index, 0) + len(head_text)
+                tail = _completion_logprobs(list(delta.logprobs or ()), offset)
+                logprobs = _merge_logprobs(head, tail)
+                offsets[index] = offset + sum(len(t) for t in tail["tokens"])
+            if not text and delta.finish_reason is None and not logprobs:
+                continue
+            choice = {
+                "index": index,
+                "text": text,
+                "logprobs": logprobs,
+                "finish_reason": delta.finish_reason,
+                "stop_reason": delta.stop_reason,
+            }
+            yield chunk([choice])
+    if include_usage:
+        final = chunk([])
+        final["usage"] = _usage(prompt_tokens, completion_tokens)
+        yield final
 
 
 # --------------------------------------------------------------------------------------------------
@@ -712,7 +715,9 @@ async def create_chat_completion(
     await runner.start()
     created = int(time.time())
     if request.stream:
-        return _chat_stream(runner, request, generation_request, request_id, model, created)
+        return _sse_stream(
+            _chat_stream(runner, request, generation_request, request_id, model, created), runner, "chat completion"
+        )
     try:
         choices: dict[int, _Choice] = {}
         async for _, output in runner.outputs():
@@ -750,7 +755,7 @@ async def _chat_stream(
     request_id: str,
     model: str,
     created: int,
-) -> AsyncIterator[str]:
+) -> AsyncIterator[dict[str, Any]]:
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     completion_tokens = 0
 
@@ -767,39 +772,28 @@ async def _chat_stream(
             body["usage"] = None
         return body
 
-    try:
-        # OpenAI's first chunk of each choice carries the role and empty content.
-        for i in range(request.n):
-            role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-            yield _sse(chunk([role]))
-        async for _, output in runner.outputs():
-            for delta in output.choices:
-                completion_tokens += len(delta.token_ids)
-                if not delta.text and delta.finish_reason is None and not delta.logprobs:
-                    continue
-                choice: dict[str, Any] = {
-                    "index": delta.index,
-                    "delta": {"content": delta.text} if delta.text else {},
-                    "logprobs": _chat_logprobs(list(delta.logprobs or ())) if request.logprobs else None,
-                    "finish_reason": delta.finish_reason,
-                }
-                if delta.finish_reason is not None:
-                    choice["stop_reason"] = delta.stop_reason
-                yield _sse(chunk([choice]))
-        if include_usage:
-            final = chunk([])
-            final["usage"] = _usage(len(generation_request.prompt_token_ids), completion_tokens)
-            yield _sse(final)
-    except ServingError as error:
-        yield _sse(openai_error_body(error))
-    except asyncio.CancelledError:
-        raise
-    except Exception as error:
-        logger.exception("chat completion stream failed")
-        yield _sse(openai_error_body(ServingError(f"generation failed: {error}")))
-    finally:
-        await runner.close()
-    yield _sse("[DONE]")
+    # OpenAI's first chunk of each choice carries the role and empty content.
+    for i in range(request.n):
+        role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        yield chunk([role])
+    async for _, output in runner.outputs():
+        for delta in output.choices:
+            completion_tokens += len(delta.token_ids)
+            if not delta.text and delta.finish_reason is None and not delta.logprobs:
+                continue
+            choice: dict[str, Any] = {
+                "index": delta.index,
+                "delta": {"content": delta.text} if delta.text else {},
+                "logprobs": _chat_logprobs(list(delta.logprobs or ())) if request.logprobs else None,
+                "finish_reason": delta.finish_reason,
+            }
+            if delta.finish_reason is not None:
+                choice["stop_reason"] = delta.stop_reason
+            yield chunk([choice])
+    if include_usage:
+        final = chunk([])
+        final["usage"] = _usage(len(generation_request.prompt_token_ids), completion_tokens)
+        yield final
 
 
 __all__ = [
