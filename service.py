@@ -179,6 +179,9 @@ def _resources() -> dict[str, Any]:
     traffic={"timeout": 600},
     # Per-request access lines cost about a quarter of the server's HTTP throughput on small models.
     logging={"access": {"enabled": ARGS.access_log}},
+    # OpenTelemetry's ASGI middleware opens a span for every body message, i.e. every SSE chunk:
+    # without an exporter to send them to, that is pure cost, so routes are traced only on request.
+    tracing={} if ARGS.tracing else {"excluded_urls": ["/"]},
 )
 @bentoml.asgi_app(app, path="/")
 class HuggingFaceService:  # routes are mounted per instance by _mount_routes

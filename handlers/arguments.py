@@ -120,6 +120,9 @@ class ServerArguments(BaseModel):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
     access_log: bool = Field(False, description="Log one line per HTTP request (BentoML's access log).")
+    tracing: bool = Field(
+        False, description="OpenTelemetry spans for HTTP routes (BentoML's tracing config says where to send them)."
+    )
     grpc_port: int | None = Field(
         None,
         ge=0,
