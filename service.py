@@ -26,6 +26,7 @@ from handlers.errors import InvalidInput, ModelNotFound, ServingError, Unsupport
 from handlers.generation.backend import GenerationBackend
 from handlers.generation.select import build_generation_backend, vllm_unavailable_reason
 from handlers.loading import ModelLoadError, ModelSource, apply_torch_threads, inspect_model
+from handlers.model_store import stored_model_path
 from handlers.requests import PredictOptions, TaskResult
 from handlers.runtime import PredictiveRuntime
 from handlers.tasks import Task, TaskError
@@ -45,6 +46,14 @@ def _settle_model() -> tuple[ServerArguments, ModelSource]:
     task or tokenizer stops the start with its reason instead of a worker that restarts forever."""
     try:
         args = parse_arguments(vars(bentoml.use_arguments()))
+        if args.bento_model:
+            try:
+                baked = stored_model_path(args.bento_model)
+            except bentoml.exceptions.NotFound as error:
+                raise ModelLoadError(
+                    f"bento_model '{args.bento_model}' is not in BentoML's model store: {error}"
+                ) from None
+            args = args.model_copy(update={"model_dir": str(baked), "model_id": None})
         source = inspect_model(args)
         if source.task.is_generative and args.backend == "vllm":
             reason = vllm_unavailable_reason(source)
@@ -186,6 +195,10 @@ def _resources() -> dict[str, Any]:
 @bentoml.asgi_app(app, path="/")
 class HuggingFaceService:  # routes are mounted per instance by _mount_routes
     """Serves one Hugging Face model over KServe V1, Open Inference Protocol V2 and OpenAI routes."""
+
+    if ARGS.bento_model:
+        # Declared so that `bentoml build --arg bento_model=TAG` packs the model into the Bento.
+        baked_model = bentoml.models.BentoModel(ARGS.bento_model)
 
     def __init__(self) -> None:
         self.args = ARGS

