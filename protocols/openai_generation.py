@@ -43,6 +43,7 @@ from handlers.generation.backend import (
     GenerationRequest,
     SamplingOptions,
     TokenLogprobs,
+    check_sampling,
 )
 from protocols.errors import invalid_from_validation, openai_error_body
 
@@ -266,15 +267,6 @@ def _sampling(
     )
 
 
-def _check_sampling(backend: GenerationBackend, sampling: SamplingOptions) -> None:
-    problem = sampling.validate()
-    if problem:
-        raise InvalidInput(problem, param=problem.split()[0])
-    name = backend.unsupported(sampling)
-    if name:
-        raise InvalidInput(f"'{name}' is not supported by the {backend.name} backend", param=name)
-
-
 def _check_length(backend: GenerationBackend, prompt_len: int, max_tokens: int) -> None:
     if prompt_len + max_tokens > backend.max_model_len:
         raise InvalidInput(
@@ -305,7 +297,7 @@ def completion_generation_requests(
         prompt_logprobs=logprobs if request.echo and logprobs is not None else None,
         echo=request.echo,
     )
-    _check_sampling(backend, sampling)
+    check_sampling(backend, sampling)
     result = []
     for i, prompt in enumerate(prompts):
         ids = list(backend.tokenizer(prompt)["input_ids"])
@@ -361,7 +353,7 @@ def chat_generation_request(
     sampling = _sampling(
         request, backend.sampling_defaults, max_tokens=max_tokens, logprobs=top if request.logprobs else None
     )
-    _check_sampling(backend, sampling)
+    check_sampling(backend, sampling)
     _check_length(backend, len(ids), max_tokens)
     return GenerationRequest(request_id, tuple(ids), sampling)
 
@@ -470,37 +462,39 @@ def _sse(payload: Mapping[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
-def _completion_logprobs(entries: list[TokenLogprobs | None], text_offset: int) -> dict[str, Any]:
-    """Completions' legacy logprobs object; text_offset counts characters of the response text."""
-    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
-    offset = text_offset
+def _append_logprobs(entries: Any, offset: int, into: dict[str, list[Any]]) -> int:
+    """Adds entries to OpenAI's legacy logprobs lists; returns the text offset after them."""
     for entry in entries:
         if entry is None:
             continue
-        tokens.append(entry.chosen.token)
-        offsets.append(offset)
+        into["tokens"].append(entry.chosen.token)
+        into["text_offset"].append(offset)
         offset += len(entry.chosen.token)
-        token_logprobs.append(entry.chosen.logprob)
+        into["token_logprobs"].append(entry.chosen.logprob)
         top = {alt.token: alt.logprob for alt in entry.top}
         top.setdefault(entry.chosen.token, entry.chosen.logprob)
-        top_logprobs.append(top)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+        into["top_logprobs"].append(top)
+    return offset
+
+
+def _completion_logprobs(entries: list[TokenLogprobs | None], text_offset: int) -> dict[str, Any]:
+    """Completions' legacy logprobs object; text_offset counts characters of the response text."""
+    result: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    _append_logprobs(entries, text_offset, result)
+    return result
 
 
 def _echo_logprobs(prompt: tuple[TokenLogprobs | None, ...], first_token: str) -> dict[str, Any]:
     """The prompt part of echo + logprobs: the first prompt token has no logprob (None)."""
-    tokens, token_logprobs, top_logprobs, offsets = [first_token], [None], [None], [0]
-    offset = len(first_token)
-    for entry in prompt[1:]:
-        assert entry is not None
-        tokens.append(entry.chosen.token)
-        offsets.append(offset)
-        offset += len(entry.chosen.token)
-        token_logprobs.append(entry.chosen.logprob)
-        top = {alt.token: alt.logprob for alt in entry.top}
-        top.setdefault(entry.chosen.token, entry.chosen.logprob)
-        top_logprobs.append(top)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+    assert all(entry is not None for entry in prompt[1:])
+    result: dict[str, list[Any]] = {
+        "tokens": [first_token],
+        "token_logprobs": [None],
+        "top_logprobs": [None],
+        "text_offset": [0],
+    }
+    _append_logprobs(prompt[1:], len(first_token), result)
+    return result
 
 
 def _merge_logprobs(head: dict[str, Any] | None, tail: dict[str, Any]) -> dict[str, Any]:

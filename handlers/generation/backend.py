@@ -216,3 +216,15 @@ class GenerationBackend(Protocol):
     async def stop(self) -> None:
         """Abort running requests and release the engine."""
         ...
+
+
+def check_sampling(backend: GenerationBackend, sampling: SamplingOptions) -> None:
+    """InvalidInput (400) naming the first option that is out of range or that `backend` cannot honour."""
+    from handlers.errors import InvalidInput
+
+    problem = sampling.validate()
+    if problem:
+        raise InvalidInput(problem, param=problem.split()[0])
+    name = backend.unsupported(sampling)
+    if name:
+        raise InvalidInput(f"'{name}' is not supported by the {backend.name} backend", param=name)

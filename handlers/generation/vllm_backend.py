@@ -43,6 +43,7 @@ from handlers.generation.backend import (
     Logprob,
     SamplingOptions,
     TokenLogprobs,
+    check_sampling,
 )
 from handlers.generation.select import generation_config_defaults
 from handlers.loading import ModelLoadError, ModelSource
@@ -274,12 +275,7 @@ class VLLMBackend:
 
     def _check(self, request: GenerationRequest) -> None:
         sampling = request.sampling
-        problem = sampling.validate()
-        if problem:
-            raise InvalidInput(problem, param=problem.split()[0])
-        name = self.unsupported(sampling)
-        if name:
-            raise InvalidInput(f"'{name}' is not supported by the {self.name} backend", param=name)
+        check_sampling(self, sampling)
         if not request.prompt_token_ids:
             raise InvalidInput("the prompt is empty", param="prompt")
         total = len(request.prompt_token_ids) + sampling.max_tokens
