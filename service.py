@@ -55,6 +55,8 @@ def _settle_model() -> tuple[ServerArguments, ModelSource]:
                 ) from None
             args = args.model_copy(update={"model_dir": str(baked), "model_id": None})
         source = inspect_model(args)
+        if source.task.is_generative and args.predictor_host:
+            raise ModelLoadError("predictor_host serves encoder tasks; generative models run in this server")
         if source.task.is_generative and args.backend == "vllm":
             reason = vllm_unavailable_reason(source)
             if reason:

@@ -111,6 +111,15 @@ class ServerArguments(BaseModel):
     )
     disable_log_requests: bool = Field(False, description="Do not log request inputs.")
     max_log_len: int | None = Field(None, ge=0, description="Characters of each input to log; all when unset.")
+    predictor_host: str | None = Field(
+        None,
+        description="host:port (or URL) of a remote Open Inference Protocol (V2 REST) predictor, e.g. Triton, that "
+        "runs the forward pass; this server tokenizes and post-processes (KServe's predictor_host).",
+    )
+    predictor_protocol: Literal["v2"] = Field("v2", description="Protocol of predictor_host; V2 REST.")
+    tensor_input_names: str | None = Field(
+        None, description="Comma-separated tokenizer outputs to send to predictor_host (all when unset)."
+    )
     max_batch_size: int = Field(32, gt=0, description="Most inputs the batcher puts in one forward pass.")
     max_batch_tokens: int = Field(16384, gt=0, description="Token budget of one forward pass (padded length x inputs).")
     max_wait_ms: float = Field(

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 from handlers.arguments import ServerArguments
 from handlers.errors import ServingError
 from handlers.loading import ModelSource
+from handlers.remote_predictor import RemoteV2Predictor
 from handlers.requests import PredictOptions, TaskResult, TensorSpec
 from handlers.tasks import Task
 
@@ -50,6 +51,7 @@ class PredictiveHandler(ABC):
         self.args = args
         self.tokenizer = source.tokenizer
         self.model: PreTrainedModel | None = None
+        self.remote: RemoteV2Predictor | None = None  # with predictor_host: the forward pass runs there
         # transformers models are not safe to call from two threads at once.
         self._lock = threading.Lock()
 
@@ -59,6 +61,12 @@ class PredictiveHandler(ABC):
 
     def load(self) -> None:
         """Load the weights; slow, so it runs off the event loop after start-up."""
+        if self.args.predictor_host:
+            names = (
+                [n.strip() for n in self.args.tensor_input_names.split(",")] if self.args.tensor_input_names else None
+            )
+            self.remote = RemoteV2Predictor(self.args.predictor_host, self.args.model_name, names)
+            return
         model = self.model_class.from_pretrained(
             str(self.source.path),
             revision=self.args.model_revision,
@@ -115,7 +123,7 @@ class PredictiveHandler(ABC):
             rows.append(EncodedRows(start, stop, int(lengths[start:stop].max())))
             start = stop
         model_inputs = {k: v.to(self.source.device) for k, v in encoding.items()}
-        assert self.model is not None, "predict before load"
+        assert self.model is not None or self.remote is not None, "predict before load"
         # Rows of the padded batch run in chunks that keep within the token budget (memory bound).
         rows_per_pass = max(1, self.args.max_batch_tokens // max(1, encoding["input_ids"].shape[1]))
         with self._lock, torch.inference_mode():
@@ -136,9 +144,18 @@ class PredictiveHandler(ABC):
                 results.append(error)
         return results
 
-    def forward(self, model_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    # The model output a task post-processes: "logits" for heads, "last_hidden_state" for encoders.
+    output_field: ClassVar[str] = "logits"
+
+    def model_output(self, model_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's output tensor, from the local model or the remote predictor."""
+        if self.remote is not None:
+            return self.remote.infer(model_inputs)
         assert self.model is not None
-        return self.model(**model_inputs).logits
+        return getattr(self.model(**model_inputs), self.output_field)
+
+    def forward(self, model_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model_output(model_inputs)
 
     @abstractmethod
     def postprocess(self, batch: ForwardBatch, rows: EncodedRows, options: PredictOptions) -> TaskResult:

@@ -45,9 +45,10 @@ class TextEmbeddingHandler(PredictiveHandler):
     def output_specs(self, options: PredictOptions) -> list[TensorSpec]:
         return [TensorSpec("output-0", "FP64", [-1, self.dimensions])]
 
+    output_field = "last_hidden_state"
+
     def forward(self, model_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        assert self.model is not None
-        hidden = self.model(**model_inputs).last_hidden_state
+        hidden = self.model_output(model_inputs)
         pooled = pool(hidden, model_inputs["attention_mask"], self.pooling)
         return F.normalize(pooled, p=2, dim=1) if self.normalize else pooled
 
