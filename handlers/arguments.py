@@ -166,10 +166,6 @@ class ServerArguments(BaseModel):
         return self
 
     @property
-    def lower_case(self) -> bool:
-        return not self.disable_lower_case
-
-    @property
     def add_special_tokens(self) -> bool:
         return not self.disable_special_tokens
 

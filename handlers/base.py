@@ -55,10 +55,6 @@ class PredictiveHandler(ABC):
         # transformers models are not safe to call from two threads at once.
         self._lock = threading.Lock()
 
-    @property
-    def model_name(self) -> str:
-        return self.args.model_name
-
     def load(self) -> None:
         """Load the weights; slow, so it runs off the event loop after start-up."""
         if self.args.predictor_host:
@@ -162,6 +158,10 @@ class PredictiveHandler(ABC):
         """Turn one request's rows of the batch into its result."""
 
     # --- helpers for subclasses ---
+
+    def class_key(self, index: int, options: PredictOptions) -> Any:
+        """A class as the request wants it: its index (KServe's default) or its id2label name."""
+        return self.label_name(index) if options.labels else index
 
     def label_name(self, index: int) -> str:
         id2label = getattr(self.source.config, "id2label", None) or {}

@@ -44,3 +44,9 @@ class Overloaded(ServingError):
 class NotReady(ServingError):
     status_code = 503
     error_type = "service_unavailable"
+
+    @classmethod
+    def for_model(cls, model_name: str, load_error: str | None) -> NotReady:
+        if load_error:
+            return cls(f"model '{model_name}' failed to load: {load_error}")
+        return cls(f"model '{model_name}' is still loading; retry shortly")

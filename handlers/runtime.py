@@ -69,9 +69,7 @@ class PredictiveRuntime:
             logger.exception("model '%s' failed to load", self.args.model_name)
 
     def not_ready_error(self) -> NotReady:
-        if self.load_error:
-            return NotReady(f"model '{self.args.model_name}' failed to load: {self.load_error}")
-        return NotReady(f"model '{self.args.model_name}' is still loading; retry shortly")
+        return NotReady.for_model(self.args.model_name, self.load_error)
 
     def options_for(self, request: RequestOptions | None) -> PredictOptions:
         misplaced = request.fields_set_among(GENERATION_ONLY_OPTIONS) if request else []
@@ -90,9 +88,10 @@ class PredictiveRuntime:
         if self._batcher is None or not self.ready:
             raise self.not_ready_error()
         self.handler.validate(texts, options)
-        if len(texts) > self.args.max_batch_size * 64:
+        if len(texts) > self.args.max_queue_size:
+            # Never queueable, so 400 rather than the batcher's 429 (retrying would not help).
             raise InvalidInput(
-                f"{len(texts)} inputs in one request is too many; send at most {self.args.max_batch_size * 64}"
+                f"{len(texts)} inputs in one request is more than max_queue_size={self.args.max_queue_size}"
             )
         self._log_request(texts)
         result = await self._batcher.submit((texts, options), size=len(texts))

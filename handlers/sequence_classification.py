@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from transformers import AutoModelForSequenceClassification
 
@@ -36,10 +34,7 @@ class SequenceClassificationHandler(PredictiveHandler):
             else:
                 scores, name = logits, "logits"
                 values = [[float(v) for v in row] for row in scores]
-            dicts = [{self._key(j, options): v for j, v in enumerate(row)} for row in values]
+            dicts = [{self.class_key(j, options): v for j, v in enumerate(row)} for row in values]
             return TaskResult({"output-0": dicts, name: scores.tolist()}, count)
         indices = logits.argmax(dim=-1).tolist()
-        return TaskResult({"output-0": [self._key(i, options) for i in indices]}, count)
-
-    def _key(self, index: int, options: PredictOptions) -> Any:
-        return self.label_name(index) if options.labels else index
+        return TaskResult({"output-0": [self.class_key(i, options) for i in indices]}, count)

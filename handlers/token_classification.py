@@ -41,23 +41,20 @@ class TokenClassificationHandler(PredictiveHandler):
         elif options.return_probabilities:
             probs = torch.softmax(logits, dim=-1)
             outputs["output-0"] = [
-                [{self._key(j, options): round(float(v), 4) for j, v in enumerate(token)} for token in row]
+                [{self.class_key(j, options): round(float(v), 4) for j, v in enumerate(token)} for token in row]
                 for row in probs
             ]
         elif options.return_raw_logits:
             outputs["output-0"] = [
-                [{self._key(j, options): float(v) for j, v in enumerate(token)} for token in row] for row in logits
+                [{self.class_key(j, options): float(v) for j, v in enumerate(token)} for token in row] for row in logits
             ]
         else:
             ids = logits.argmax(dim=-1).tolist()
-            outputs["output-0"] = [[[self._key(i, options) for i in row]] for row in ids]
+            outputs["output-0"] = [[[self.class_key(i, options) for i in row]] for row in ids]
         if options.return_offsets_mapping:
             offsets = batch.encoding["offset_mapping"][rows.start : rows.stop, : rows.padded_len]
             outputs["offset_mapping"] = offsets.tolist()
         return TaskResult(outputs, self.token_count(batch, rows))
-
-    def _key(self, index: int, options: PredictOptions) -> Any:
-        return self.label_name(index) if options.labels else index
 
     def _entities(self, batch: ForwardBatch, row: int, logits: torch.Tensor) -> list[dict[str, Any]]:
         """Consecutive tokens of one entity type (B-/I- tags) merged into spans, as transformers' 'simple'."""

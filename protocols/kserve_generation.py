@@ -72,9 +72,7 @@ class GenerativeRuntime:
             await self.backend.stop()
 
     def not_ready_error(self) -> NotReady:
-        if self.load_error:
-            return NotReady(f"model '{self.args.model_name}' failed to load: {self.load_error}")
-        return NotReady(f"model '{self.args.model_name}' is still loading; retry shortly")
+        return NotReady.for_model(self.args.model_name, self.load_error)
 
     def options_for(self, request: RequestOptions | None) -> dict[str, Any]:
         """The OpenAI completion fields a V1/V2 request's parameters set."""

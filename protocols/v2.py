@@ -16,7 +16,7 @@ from protocols.errors import invalid_from_validation
 
 # Parameters the protocol itself defines; everything else in `parameters` is a request option.
 _PROTOCOL_PARAMETERS = {"binary_data", "binary_data_size", "binary_data_output", "content_type", "headers"}
-EXTENSIONS = ["binary_tensor_data", "model_repository"]
+EXTENSIONS = ["binary_tensor_data"]
 
 
 class RequestInput(BaseModel):
