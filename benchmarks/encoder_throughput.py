@@ -19,10 +19,10 @@ import aiohttp
 import torch
 
 from benchmarks.report import print_table, write_results
-from handlers.arguments import parse_arguments
-from handlers.loading import inspect_model
 from handlers.registry import handler_class_for
 from handlers.requests import PredictOptions
+from settings.arguments import parse_arguments
+from settings.loading import inspect_model
 from tests.server_process import ServerProcess
 
 SENTENCES = [f"This is sentence number {i}, about the weather in Paris and the price of bread." for i in range(256)]

@@ -28,10 +28,10 @@ from typing import Any
 import torch
 
 from benchmarks.report import print_table, write_results
-from handlers.arguments import parse_arguments
-from handlers.generation.backend import GenerationRequest, SamplingOptions
-from handlers.generation.transformers_backend import TransformersBackend
-from handlers.loading import inspect_model
+from engines.generation.backend import GenerationRequest, SamplingOptions
+from engines.generation.transformers_backend import TransformersBackend
+from settings.arguments import parse_arguments
+from settings.loading import inspect_model
 
 PROMPTS = [
     "Paris is the capital of France and",

@@ -13,12 +13,12 @@ from typing import Any, ClassVar
 import torch
 from transformers import PreTrainedModel
 
-from handlers.arguments import ServerArguments
+from engines.remote_predictor import RemoteV2Predictor
 from handlers.errors import ServingError
-from handlers.loading import ModelSource
-from handlers.remote_predictor import RemoteV2Predictor
 from handlers.requests import PredictOptions, TaskResult, TensorSpec
-from handlers.tasks import Task
+from settings.arguments import ServerArguments
+from settings.loading import ModelSource
+from settings.tasks import Task
 
 
 @dataclass

@@ -5,9 +5,9 @@ from __future__ import annotations
 from handlers.base import PredictiveHandler
 from handlers.fill_mask import FillMaskHandler
 from handlers.sequence_classification import SequenceClassificationHandler
-from handlers.tasks import Task, TaskError
 from handlers.text_embedding import TextEmbeddingHandler
 from handlers.token_classification import TokenClassificationHandler
+from settings.tasks import Task, TaskError
 
 PREDICTIVE_HANDLERS: dict[Task, type[PredictiveHandler]] = {
     handler.task: handler

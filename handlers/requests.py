@@ -7,8 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from handlers.arguments import ServerArguments
 from handlers.errors import InvalidInput
+from settings.arguments import ServerArguments
 
 
 @dataclass(frozen=True)

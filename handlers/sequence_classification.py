@@ -7,7 +7,7 @@ from transformers import AutoModelForSequenceClassification
 
 from handlers.base import EncodedRows, ForwardBatch, PredictiveHandler
 from handlers.requests import PredictOptions, TaskResult, TensorSpec
-from handlers.tasks import Task
+from settings.tasks import Task
 
 
 class SequenceClassificationHandler(PredictiveHandler):

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel
 
-from handlers.arguments import ServerArguments
 from handlers.base import EncodedRows, ForwardBatch, PredictiveHandler
-from handlers.loading import ModelSource
 from handlers.requests import PredictOptions, TaskResult, TensorSpec
-from handlers.tasks import Task, has_normalize_module, read_pooling_config
+from settings.arguments import ServerArguments
+from settings.loading import ModelSource
+from settings.tasks import Task, has_normalize_module, read_pooling_config
 
 _POOLING_KEYS = {
     "pooling_mode_cls_token": "cls",

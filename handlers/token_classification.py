@@ -10,7 +10,7 @@ from transformers import AutoModelForTokenClassification
 from handlers.base import EncodedRows, ForwardBatch, PredictiveHandler
 from handlers.errors import InvalidInput
 from handlers.requests import PredictOptions, TaskResult, TensorSpec
-from handlers.tasks import Task
+from settings.tasks import Task
 
 
 class TokenClassificationHandler(PredictiveHandler):

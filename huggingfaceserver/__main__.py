@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from handlers.arguments import ArgumentError, parse_arguments
+from settings.arguments import ArgumentError, parse_arguments
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 # KServe server flags and what they become; None: accepted for compatibility, nothing to do.

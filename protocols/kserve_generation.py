@@ -11,10 +11,8 @@ import asyncio
 import logging
 from typing import Any
 
-from handlers.arguments import ServerArguments
+from engines.generation.backend import GenerationBackend
 from handlers.errors import InvalidInput, NotReady
-from handlers.generation.backend import GenerationBackend
-from handlers.loading import ModelSource
 from handlers.requests import (
     GENERATION_ONLY_OPTIONS,
     PREDICTIVE_ONLY_OPTIONS,
@@ -23,6 +21,8 @@ from handlers.requests import (
     TensorSpec,
 )
 from protocols.openai_generation import create_completion
+from settings.arguments import ServerArguments
+from settings.loading import ModelSource
 
 logger = logging.getLogger(__name__)
 

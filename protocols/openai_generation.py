@@ -35,8 +35,7 @@ from typing import Any, TypeVar
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from handlers.errors import InvalidInput, ServingError
-from handlers.generation.backend import (
+from engines.generation.backend import (
     ChoiceDelta,
     GenerationBackend,
     GenerationOutput,
@@ -45,6 +44,7 @@ from handlers.generation.backend import (
     TokenLogprobs,
     check_sampling,
 )
+from handlers.errors import InvalidInput, ServingError
 from protocols.errors import invalid_from_validation, openai_error_body
 
 logger = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from handlers.requests import TaskResult, TensorSpec
 from protocols import v2, v2_binary
 
 if TYPE_CHECKING:  # the runtime module imports torch; this one need not
-    from handlers.runtime import PredictiveRuntime
+    from engines.encoder_runtime import PredictiveRuntime
 
 logger = logging.getLogger(__name__)
 

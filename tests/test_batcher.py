@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from handlers.batcher import MicroBatcher
+from engines.batcher import MicroBatcher
 from handlers.errors import InvalidInput, Overloaded, ServingError
 
 

@@ -149,7 +149,13 @@ def test_bento_dockerfile(built_bento: tuple[Path, str, Path]) -> None:
 def test_bento_sources(built_bento: tuple[Path, str, Path]) -> None:
     _, _, bento_dir = built_bento
     src = bento_dir / "src"
-    for required in ("service.py", "handlers/arguments.py", "handlers/tasks.py", "protocols/v1.py"):
+    for required in (
+        "service.py",
+        "settings/arguments.py",
+        "settings/tasks.py",
+        "engines/batcher.py",
+        "protocols/v1.py",
+    ):
         assert (src / required).is_file(), f"{required} is not in the Bento"
     configs = {path.name for path in (src / "configs").glob("*.yaml")}
     assert configs == {path.name for path in (PROJECT_DIR / "configs").glob("*.yaml")}

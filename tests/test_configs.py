@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from handlers.arguments import argument_names, engine_argument_names, parse_arguments
-from handlers.tasks import Task, infer_task
+from settings.arguments import argument_names, engine_argument_names, parse_arguments
+from settings.tasks import Task, infer_task
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from handlers.arguments import (
+from settings.arguments import (
     ArgumentError,
     argument_names,
     arguments_from_env,

@@ -17,14 +17,14 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from handlers.arguments import parse_arguments
+from engines.generation.backend import GenerationBackend, GenerationRequest, SamplingOptions
+from engines.generation.select import build_generation_backend
+from engines.generation.transformers_backend import TransformersBackend
 from handlers.errors import InvalidInput, ServingError
-from handlers.generation.backend import GenerationBackend, GenerationRequest, SamplingOptions
-from handlers.generation.select import build_generation_backend
-from handlers.generation.transformers_backend import TransformersBackend
-from handlers.loading import ModelLoadError, inspect_model
 from protocols.errors import openai_error_body
 from protocols.openai_generation import create_chat_completion, create_completion
+from settings.arguments import parse_arguments
+from settings.loading import ModelLoadError, inspect_model
 
 PROMPTS = [
     "Paris is the capital of France and the river",
@@ -448,7 +448,7 @@ class RecordingBackend:
         return None
 
     async def generate(self, request: GenerationRequest):  # type: ignore[no-untyped-def]
-        from handlers.generation.backend import ChoiceDelta, GenerationOutput
+        from engines.generation.backend import ChoiceDelta, GenerationOutput
 
         self.requests.append(request)
         choices = tuple(ChoiceDelta(i, (7,), "x", finish_reason="length") for i in range(request.sampling.n))

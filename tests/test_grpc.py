@@ -24,12 +24,12 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
-from handlers.arguments import parse_arguments
+from engines.encoder_runtime import PredictiveRuntime
 from handlers.errors import InvalidInput, ModelNotFound, NotReady, Overloaded, ServingError, UnsupportedMediaType
-from handlers.loading import default_model_dir
-from handlers.runtime import PredictiveRuntime
 from protocols import v2_binary
 from protocols.v2_grpc import grpc_status, start_grpc_server
+from settings.arguments import parse_arguments
+from settings.loading import default_model_dir
 from tests import reference
 
 SENTENCES = ["The capital of France is Paris.", "hello world", "a much longer sentence about the weather in paris"]

@@ -25,13 +25,13 @@ from transformers import (
     pipeline,
 )
 
-from handlers.arguments import ArgumentError, parse_arguments
 from handlers.base import PredictiveHandler
 from handlers.errors import InvalidInput
-from handlers.loading import ModelLoadError, inspect_model
 from handlers.registry import handler_class_for
 from handlers.requests import PredictOptions, RequestOptions, TaskResult
-from handlers.tasks import Task, TaskError, infer_task
+from settings.arguments import ArgumentError, parse_arguments
+from settings.loading import ModelLoadError, inspect_model
+from settings.tasks import Task, TaskError, infer_task
 from tests.tiny_models import NER_LABELS, SENTIMENT_LABELS
 
 MAX_LEN = 128  # the tiny models' max_position_embeddings: the handlers' default max_model_len

@@ -18,7 +18,7 @@ import torch
 import tritonclient.http as triton
 from openai import OpenAI
 
-from handlers.loading import default_model_dir
+from settings.loading import default_model_dir
 from tests import reference
 from tests.server_process import ServerProcess, free_port
 

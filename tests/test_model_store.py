@@ -26,7 +26,7 @@ def test_baked_model_is_packed_into_the_bento_and_served(tiny_models, tmp_path):
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         return done.stdout
 
-    stored = run(sys.executable, "-m", "handlers.model_store", "--model_dir", str(model), "--name", "tiny-sst")
+    stored = run(sys.executable, "-m", "settings.model_store", "--model_dir", str(model), "--name", "tiny-sst")
     assert stored.strip().startswith("tiny-sst:")
     built = run(BENTOML, "build", "--output", "tag", "--arg", "bento_model=tiny-sst:latest", "--arg", "model_name=sst")
     tag = next(line for line in built.splitlines() if line.startswith("__tag__:")).removeprefix("__tag__:")

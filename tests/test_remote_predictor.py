@@ -19,7 +19,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from transformers import AutoModelForSequenceClassification
 
-from handlers.remote_predictor import RemotePredictorError, RemoteV2Predictor
+from engines.remote_predictor import RemotePredictorError, RemoteV2Predictor
 from tests import reference
 from tests.server_process import ServerProcess, free_port
 

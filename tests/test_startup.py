@@ -12,11 +12,11 @@ import httpx
 import pytest
 import yaml
 
-from handlers.arguments import parse_arguments
+from engines.encoder_runtime import PredictiveRuntime
 from handlers.errors import NotReady
 from handlers.requests import PredictOptions
-from handlers.runtime import PredictiveRuntime
 from huggingfaceserver.__main__ import kserve_to_bentoml
+from settings.arguments import parse_arguments
 from tests.server_process import BENTOML, PROJECT_DIR, ServerProcess
 
 
@@ -86,7 +86,7 @@ def test_predict_before_the_model_is_loaded_is_503(tiny_models):
 
 
 def test_every_argument_is_documented_in_the_readme():
-    from handlers.arguments import argument_names
+    from settings.arguments import argument_names
 
     readme = (Path(PROJECT_DIR) / "README.md").read_text()
     missing = [name for name in sorted(argument_names()) if f"`{name}`" not in readme]
@@ -103,7 +103,7 @@ def test_model_id_is_read_from_the_hub_cache_offline(tiny_models, tmp_path):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     script = (
-        "from handlers.arguments import parse_arguments; from handlers.loading import inspect_model;"
+        "from settings.arguments import parse_arguments; from settings.loading import inspect_model;"
         "s = inspect_model(parse_arguments({'model_id': 'tiny-org/tiny-sst'}, environ={}));"
         "print(s.task.value, s.path.name)"
     )

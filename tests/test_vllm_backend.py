@@ -26,21 +26,21 @@ except Exception as error:  # ImportError, or a broken install raising anything 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from handlers.arguments import parse_arguments
-from handlers.errors import InvalidInput, NotReady, Overloaded
-from handlers.generation.backend import (
+from engines.generation.backend import (
     GenerationBackend,
     GenerationOutput,
     GenerationRequest,
     SamplingOptions,
 )
-from handlers.generation.vllm_backend import (
+from engines.generation.vllm_backend import (
     CPU_ENV_DEFAULTS,
     VLLMBackend,
     convert_engine_args,
     cpu_unsupported_reason,
 )
-from handlers.loading import inspect_model
+from handlers.errors import InvalidInput, NotReady, Overloaded
+from settings.arguments import parse_arguments
+from settings.loading import inspect_model
 
 T = TypeVar("T")
 

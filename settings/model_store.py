@@ -1,7 +1,7 @@
 """Baking a model into a Bento: store its folder in BentoML's model store, then build with its tag.
 
-    .venv/bin/python -m handlers.model_store --model_dir /models/sst --name distilbert-sst2
-    .venv/bin/python -m handlers.model_store --model_id org/name [--revision REV] --name my-model
+    .venv/bin/python -m settings.model_store --model_dir /models/sst --name distilbert-sst2
+    .venv/bin/python -m settings.model_store --model_id org/name [--revision REV] --name my-model
     .venv/bin/bentoml build --arg bento_model=distilbert-sst2:latest
 
 The service declares `bentoml.models.BentoModel(bento_model)`, so `bentoml build` packs the model
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import bentoml
 
-from handlers.arguments import parse_arguments
-from handlers.loading import resolve_model_path
+from settings.arguments import parse_arguments
+from settings.loading import resolve_model_path
 
 
 def store_model(folder: Path, name: str) -> str:

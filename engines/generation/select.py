@@ -7,10 +7,10 @@ import json
 import logging
 from typing import Any
 
-from handlers.arguments import ServerArguments
-from handlers.generation.backend import GenerationBackend
-from handlers.loading import ModelLoadError, ModelSource
-from handlers.tasks import Task
+from engines.generation.backend import GenerationBackend
+from settings.arguments import ServerArguments
+from settings.loading import ModelLoadError, ModelSource
+from settings.tasks import Task
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def vllm_unavailable_reason(source: ModelSource) -> str | None:
     missing = [arch for arch in architectures if arch not in supported]
     if missing:
         return f"vLLM's model registry has no {', '.join(missing)}"
-    from handlers.generation.vllm_backend import cpu_unsupported_reason
+    from engines.generation.vllm_backend import cpu_unsupported_reason
 
     return cpu_unsupported_reason(source)
 
@@ -48,14 +48,14 @@ def build_generation_backend(source: ModelSource, args: ServerArguments) -> Gene
     if args.backend in ("auto", "vllm"):
         reason = vllm_unavailable_reason(source)
         if reason is None:
-            from handlers.generation.vllm_backend import VLLMBackend
+            from engines.generation.vllm_backend import VLLMBackend
 
             logger.info("generation backend: vllm")
             return VLLMBackend(source, args)
         if args.backend == "vllm":
             raise ModelLoadError(f"backend 'vllm' was asked for but cannot serve this model: {reason}")
         logger.info("generation backend: huggingface (vLLM not used: %s)", reason)
-    from handlers.generation.transformers_backend import TransformersBackend
+    from engines.generation.transformers_backend import TransformersBackend
 
     return TransformersBackend(source, args)
 

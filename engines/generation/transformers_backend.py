@@ -44,9 +44,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
 
-from handlers.arguments import ServerArguments
-from handlers.errors import InvalidInput, NotReady, Overloaded
-from handlers.generation.backend import (
+from engines.generation.backend import (
     ChoiceDelta,
     GenerationOutput,
     GenerationRequest,
@@ -54,9 +52,11 @@ from handlers.generation.backend import (
     SamplingOptions,
     TokenLogprobs,
 )
-from handlers.generation.select import generation_config_defaults
-from handlers.loading import ModelLoadError, ModelSource
-from handlers.tasks import Task
+from engines.generation.select import generation_config_defaults
+from handlers.errors import InvalidInput, NotReady, Overloaded
+from settings.arguments import ServerArguments
+from settings.loading import ModelLoadError, ModelSource
+from settings.tasks import Task
 
 logger = logging.getLogger(__name__)
 

@@ -10,13 +10,13 @@ import logging
 import threading
 import time
 
-from handlers.arguments import ServerArguments
+from engines.batcher import MicroBatcher
 from handlers.base import PredictiveHandler
-from handlers.batcher import MicroBatcher
 from handlers.errors import InvalidInput, NotReady, ServingError
-from handlers.loading import ModelSource, inspect_model
 from handlers.registry import handler_class_for
 from handlers.requests import GENERATION_ONLY_OPTIONS, PredictOptions, RequestOptions, TaskResult
+from settings.arguments import ServerArguments
+from settings.loading import ModelSource, inspect_model
 
 logger = logging.getLogger(__name__)
 

@@ -33,9 +33,7 @@ from typing import Any
 
 import torch
 
-from handlers.arguments import ServerArguments
-from handlers.errors import InvalidInput, NotReady, Overloaded, ServingError
-from handlers.generation.backend import (
+from engines.generation.backend import (
     ChoiceDelta,
     FinishReason,
     GenerationOutput,
@@ -45,9 +43,11 @@ from handlers.generation.backend import (
     TokenLogprobs,
     check_sampling,
 )
-from handlers.generation.select import generation_config_defaults
-from handlers.loading import ModelLoadError, ModelSource
-from handlers.tasks import Task
+from engines.generation.select import generation_config_defaults
+from handlers.errors import InvalidInput, NotReady, Overloaded, ServingError
+from settings.arguments import ServerArguments
+from settings.loading import ModelLoadError, ModelSource
+from settings.tasks import Task
 
 logger = logging.getLogger(__name__)
 

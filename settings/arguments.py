@@ -84,7 +84,7 @@ class ServerArguments(BaseModel):
     model_id: str | None = Field(None, description="Hugging Face Hub id, resolved through the local Hub cache.")
     bento_model: str | None = Field(
         None,
-        description="Tag of a model in BentoML's model store (python -m handlers.model_store); `bentoml build` "
+        description="Tag of a model in BentoML's model store (python -m settings.model_store); `bentoml build` "
         "packs it into the Bento, which then serves it. Replaces model_dir and model_id.",
     )
     model_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")

@@ -16,8 +16,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from handlers.arguments import ServerArguments
-from handlers.tasks import Task, infer_task, parse_task
+from settings.arguments import ServerArguments
+from settings.tasks import Task, infer_task, parse_task
 
 logger = logging.getLogger(__name__)
 

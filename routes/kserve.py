@@ -1,0 +1,111 @@
+"""KServe's root liveness, V1 (`:predict`) and Open Inference Protocol V2 REST routes."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from handlers.requests import PredictOptions
+from protocols import v1, v2, v2_binary
+from routes.common import (
+    ServedModel,
+    check_model_name,
+    content_type,
+    decompress,
+    json_response,
+    predict,
+    require_json,
+)
+
+
+def build_router(served: ServedModel) -> APIRouter:
+    router = APIRouter()
+    args, timer = served.args, served.timer
+
+    @router.get("/")
+    async def root() -> dict[str, str]:
+        return {"status": "alive"}
+
+    # --- V1 ---
+
+    @router.get("/v1/models")
+    async def v1_models() -> dict[str, Any]:
+        return v1.models_response([args.model_name])
+
+    @router.get("/v1/models/{name}")
+    async def v1_model_status(name: str) -> Response:
+        check_model_name(served, name)
+        if not served.runtime.ready:
+            raise served.runtime.not_ready_error()
+        return json_response(v1.model_status_response(name, True))
+
+    @router.post("/v1/models/{name}:predict")
+    async def v1_predict(name: str, request: Request) -> Response:
+        check_model_name(served, name)
+        require_json(request)
+        started = time.perf_counter()
+        texts, request_options = v1.parse_predict_request(await request.body())
+        options = served.runtime.options_for(request_options)
+        timer.observe("preprocess", started)
+        result = await predict(served, texts, options)
+        started = time.perf_counter()
+        response = json_response(v1.predict_response(result))
+        timer.observe("postprocess", started)
+        return response
+
+    # --- Open Inference Protocol (V2) ---
+
+    @router.get("/v2")
+    async def v2_server_metadata() -> dict[str, Any]:
+        return v2.server_metadata(served.server_name, served.server_version)
+
+    @router.get("/v2/health/live")
+    async def v2_live() -> dict[str, bool]:
+        return {"live": True}
+
+    @router.get("/v2/health/ready")
+    async def v2_ready() -> Response:
+        ready = served.runtime.ready
+        return json_response({"ready": ready}, status_code=200 if ready else 503)
+
+    @router.get("/v2/models/{name}")
+    @router.get("/v2/models/{name}/versions/{model_version}")
+    async def v2_model_metadata(name: str, model_version: str | None = None) -> dict[str, Any]:
+        check_model_name(served, name)
+        handler = served.runtime.handler
+        options = PredictOptions.merge(args, None)
+        return v2.model_metadata(name, "huggingface", handler.input_specs(), handler.output_specs(options))
+
+    @router.get("/v2/models/{name}/ready")
+    @router.get("/v2/models/{name}/versions/{model_version}/ready")
+    async def v2_model_ready(name: str, model_version: str | None = None) -> Response:
+        check_model_name(served, name)
+        ready = served.runtime.ready
+        return json_response({"name": name, "ready": ready}, status_code=200 if ready else 503)
+
+    @router.post("/v2/models/{name}/infer")
+    @router.post("/v2/models/{name}/versions/{model_version}/infer")
+    async def v2_infer(name: str, request: Request, model_version: str | None = None) -> Response:
+        check_model_name(served, name)
+        kind = content_type(request)
+        header_length = request.headers.get(v2_binary.HEADER_LENGTH)
+        if kind != v2_binary.CONTENT_TYPE and header_length is None:
+            require_json(request)
+        started = time.perf_counter()
+        body = decompress(await request.body(), request.headers.get("content-encoding", ""))
+        parsed = v2.parse_infer_request(body, kind, header_length)
+        options = served.runtime.options_for(parsed.options)
+        specs = served.runtime.handler.output_specs(options)
+        v2.select_outputs(specs, parsed.requested_outputs)  # unknown output names fail before the model runs
+        timer.observe("preprocess", started)
+        result = await predict(served, parsed.texts, options)
+        started = time.perf_counter()
+        body, media_type, header_length = v2.infer_response(name, parsed, result, specs)
+        headers = {v2_binary.HEADER_LENGTH: str(header_length)} if header_length is not None else None
+        timer.observe("postprocess", started)
+        return Response(body, media_type=media_type, headers=headers)
+
+    return router
