@@ -1,19 +1,30 @@
-"""Batches concurrent requests into one model call on a dedicated thread.
+"""Batches concurrent requests into model calls: a tokenizer stage, then a FIFO forward stage, each on its threads.
 
-Requests are awaited on the event loop; the model runs only on the batcher's thread, so the loop
-keeps answering (health checks, new requests) while a forward pass runs.
+Requests are awaited on the event loop; the model runs only on the forward thread, so the loop keeps
+answering (health checks, new requests) while a forward pass runs. The pipeline:
+
+    submit --> tokenizer lane ("small" or "large") --> ready queue (FIFO) --> forward thread --> result
+
+- Preparing work (tokenizing) never happens on the forward thread, so the model is never idle behind a
+  tokenizer, and a request with long texts is prepared on its own lane: small requests arriving beside it
+  are tokenized on the other lane meanwhile (tokenizers release the GIL).
+- The forward thread takes ready items strictly in the order they became ready. A batch grows while it
+  fits both `max_batch_size` rows and the `max_batch_tokens` budget (padded length x rows); an item that
+  does not fit stays at the head of the queue and starts the next batch, so nothing is overtaken forever.
+- A caller that left (its future cancelled) is skipped at every stage: before preparing and before running.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from handlers.errors import Overloaded, ServingError
 
@@ -21,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 Work = TypeVar("Work")
 Result = TypeVar("Result")
+
+SMALL_LANE, LARGE_LANE = 0, 1
 
 
 @dataclass
@@ -30,36 +43,61 @@ class _Pending(Generic[Work, Result]):
     future: asyncio.Future[Result]
     loop: asyncio.AbstractEventLoop
     queued_at: float = field(default_factory=time.perf_counter)
+    prepared: Any = None
+    rows: int = 1  # rows and padded length once prepared: what the item costs in a batch
+    length: int = 1
+
+
+def _identity(work: Any, lane: int) -> Any:
+    return work
 
 
 class MicroBatcher(Generic[Work, Result]):
-    """Collects up to `max_batch_size` items, waiting at most `max_wait_s` after the first one.
+    """Prepares each item on a tokenizer lane, then runs FIFO batches of prepared items on the forward thread.
 
-    `process` gets a list of work and returns one result per work, in order; a result that is a
-    ServingError fails only its own request. An exception from `process` fails the whole batch.
+    `prepare(work, lane)` turns one work into what `process` takes (e.g. token ids), or returns a ServingError
+    that fails that request alone; `cost(prepared)` gives its (rows, padded length); `is_large(work)` routes
+    it to the large lane. `process` gets a list of prepared work and returns one result per item, in order; a
+    result that is a ServingError fails only its own request. An exception from `process` fails the batch.
     """
 
     def __init__(
         self,
-        process: Callable[[list[Work]], Sequence[Result | ServingError]],
+        process: Callable[[list[Any]], Sequence[Result | ServingError]],
         *,
         max_batch_size: int,
         max_wait_s: float,
         max_queue_size: int,
+        max_batch_tokens: int | None = None,
+        prepare: Callable[[Work, int], Any] = _identity,
+        cost: Callable[[Any], tuple[int, int]] | None = None,
+        is_large: Callable[[Work], bool] | None = None,
         name: str = "batcher",
     ) -> None:
         self._process = process
+        self._prepare = prepare
+        self._cost = cost
+        self._is_large = is_large
         self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_s
         self.max_queue_size = max_queue_size
-        self._queue: queue.Queue[_Pending[Work, Result] | None] = queue.Queue()
         self._queued_size = 0
         self._size_lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._lanes: list[queue.Queue[_Pending[Work, Result] | None]] = [queue.Queue(), queue.Queue()]
+        self._ready: collections.deque[_Pending[Work, Result]] = collections.deque()
+        self._ready_changed = threading.Condition()
+        self._closing = False
+        self._threads = [
+            threading.Thread(target=self._tokenize_loop, args=(lane,), name=f"{name}-prepare-{lane}", daemon=True)
+            for lane in (SMALL_LANE, LARGE_LANE)
+        ]
+        self._threads.append(threading.Thread(target=self._forward_loop, name=f"{name}-forward", daemon=True))
+        for thread in self._threads:
+            thread.start()
 
     async def submit(self, work: Work, size: int = 1) -> Result:
-        """Queue `work` (counting `size` toward the batch size) and wait for its result."""
+        """Queue `work` (counting `size` toward the queue limit) and wait for its result."""
         with self._size_lock:
             if self._queued_size + size > self.max_queue_size:
                 raise Overloaded(
@@ -69,53 +107,101 @@ class MicroBatcher(Generic[Work, Result]):
             self._queued_size += size
         loop = asyncio.get_running_loop()
         pending: _Pending[Work, Result] = _Pending(work, size, loop.create_future(), loop)
-        self._queue.put(pending)
-        # If the caller is cancelled (client gone), the future is cancelled and the worker skips it.
+        lane = LARGE_LANE if self._is_large is not None and self._is_large(work) else SMALL_LANE
+        self._lanes[lane].put(pending)
+        # If the caller is cancelled (client gone), the future is cancelled and every stage skips it.
         return await pending.future
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=5)
+        for lane in self._lanes:
+            lane.put(None)
+        with self._ready_changed:
+            self._closing = True
+            self._ready_changed.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=5)
 
     def _release(self, items: list[_Pending[Work, Result]]) -> None:
         with self._size_lock:
             self._queued_size -= sum(item.size for item in items)
 
-    def _collect(self, first: _Pending[Work, Result]) -> tuple[list[_Pending[Work, Result]], bool]:
-        batch, size = [first], first.size
-        deadline = time.perf_counter() + self.max_wait_s
-        while size < self.max_batch_size:
-            remaining = deadline - time.perf_counter()
-            try:
-                item = self._queue.get_nowait() if remaining <= 0 else self._queue.get(timeout=remaining)
-            except queue.Empty:
-                break
-            if item is None:
-                return batch, True
-            if size + item.size > self.max_batch_size:
-                # Too big to join: it starts the next batch instead of waiting behind a whole queue.
-                self._queue.put(item)
-                break
-            batch.append(item)
-            size += item.size
-        return batch, False
+    # --- stage 1: preparing (tokenizing), off the forward thread ---
 
-    def _run(self) -> None:
+    def _tokenize_loop(self, lane: int) -> None:
         while True:
-            first = self._queue.get()
-            if first is None:
+            item = self._lanes[lane].get()
+            if item is None:
                 return
-            batch, closing = self._collect(first)
+            if item.future.cancelled():  # the client left while its request waited to be tokenized
+                self._release([item])
+                continue
+            try:
+                prepared = self._prepare(item.work, lane)
+            except Exception as error:  # reported to the caller, the lane keeps running
+                if not isinstance(error, ServingError):
+                    logger.exception("preparing a request failed")
+                    error = ServingError(f"preparing the input failed: {type(error).__name__}: {error}")
+                prepared = error
+            if isinstance(prepared, ServingError):
+                self._release([item])
+                _resolve(item, prepared)
+                continue
+            item.prepared = prepared
+            if self._cost is not None:
+                item.rows, item.length = self._cost(prepared)
+            with self._ready_changed:
+                self._ready.append(item)
+                self._ready_changed.notify()
+
+    # --- stage 2: forward passes, FIFO ---
+
+    def _fits(self, rows: int, length: int, item: _Pending[Work, Result]) -> bool:
+        rows, length = rows + item.rows, max(length, item.length)
+        if rows > self.max_batch_size:
+            return False
+        return self.max_batch_tokens is None or rows * length <= self.max_batch_tokens
+
+    def _collect(self) -> list[_Pending[Work, Result]] | None:
+        """The next batch, in ready order; None once closing. Waits up to max_wait_s to fill it."""
+        with self._ready_changed:
+            while not self._ready:
+                if self._closing:
+                    return None
+                self._ready_changed.wait()
+            first = self._ready.popleft()
+            batch, rows, length = [first], first.rows, first.length
+            deadline = time.perf_counter() + self.max_wait_s
+            while rows < self.max_batch_size:
+                if not self._ready:
+                    remaining = deadline - time.perf_counter()
+                    if remaining <= 0 or self._closing:
+                        break
+                    self._ready_changed.wait(remaining)
+                    continue
+                head = self._ready[0]
+                if head.future.cancelled():
+                    self._ready.popleft()
+                    batch.append(head)  # dropped below with the other gone callers
+                    continue
+                if not self._fits(rows, length, head):
+                    break  # it stays at the head and starts the next batch: arrival order is kept
+                batch.append(self._ready.popleft())
+                rows, length = rows + head.rows, max(length, head.length)
+            return batch
+
+    def _forward_loop(self) -> None:
+        while True:
+            batch = self._collect()
+            if batch is None:
+                return
             self._release(batch)
             live = [item for item in batch if not item.future.cancelled()]
             if live:
                 self._run_batch(live)
-            if closing:
-                return
 
     def _run_batch(self, batch: list[_Pending[Work, Result]]) -> None:
         try:
-            results = self._process([item.work for item in batch])
+            results = self._process([item.prepared if item.prepared is not None else item.work for item in batch])
         except ServingError as error:
             for item in batch:
                 _resolve(item, error)

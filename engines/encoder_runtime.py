@@ -6,13 +6,15 @@ then loads weights on a background thread, so health routes answer 503 instead o
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
 
 from engines.batcher import MicroBatcher
 from handlers.base import PredictiveHandler
-from handlers.errors import InvalidInput, NotReady, ServingError
+from handlers.encoding import Encoded, first_cut
+from handlers.errors import InputTooLarge, InvalidInput, NotReady, ServingError
 from handlers.registry import handler_class_for
 from handlers.requests import GENERATION_ONLY_OPTIONS, PredictOptions, RequestOptions, TaskResult
 from settings.arguments import ServerArguments
@@ -46,8 +48,21 @@ class PredictiveRuntime:
         started = time.perf_counter()
         self.handler.load()
         self.handler.warm_up()
+        # The large lane tokenizes with its own copy: a fast tokenizer must not be reconfigured (truncation)
+        # by two threads at once.
+        tokenizers = [self.handler.tokenizer, copy.deepcopy(self.handler.tokenizer)]
+        large_chars = 4 * first_cut(self.source.max_model_len)
+
+        def prepare(work: Work, lane: int) -> Encoded:
+            texts, options = work
+            return self.handler.encode(texts, options, tokenizers[lane])
+
         self._batcher = MicroBatcher(
-            self.handler.predict_many,
+            self.handler.run,
+            prepare=prepare,
+            cost=lambda encoded: encoded.cost,
+            is_large=lambda work: sum(len(text) for text in work[0]) > large_chars,
+            max_batch_tokens=self.args.max_batch_tokens,
             max_batch_size=self.args.max_batch_size,
             max_wait_s=self.args.max_wait_ms / 1000,
             max_queue_size=self.args.max_queue_size,
@@ -87,17 +102,35 @@ class PredictiveRuntime:
     async def predict(self, texts: list[str], options: PredictOptions) -> TaskResult:
         if self._batcher is None or not self.ready:
             raise self.not_ready_error()
+        self.check_limits(texts)
         self.handler.validate(texts, options)
-        if len(texts) > self.args.max_queue_size:
-            # Never queueable, so 400 rather than the batcher's 429 (retrying would not help).
-            raise InvalidInput(
-                f"{len(texts)} inputs in one request is more than max_queue_size={self.args.max_queue_size}"
-            )
         self._log_request(texts)
         result = await self._batcher.submit((texts, options), size=len(texts))
         if isinstance(result, ServingError):
             raise result
         return result
+
+    def check_limits(self, texts: list[str]) -> None:
+        """413 for a request over an input limit, before any work; the limit's argument is named."""
+        if len(texts) > self.args.max_client_batch_size:
+            raise InputTooLarge(
+                f"{len(texts)} inputs in one request is more than max_client_batch_size="
+                f"{self.args.max_client_batch_size}; split the request",
+                param="inputs",
+            )
+        if len(texts) > self.args.max_queue_size:
+            # Never queueable, so not the batcher's 429 (retrying would not help).
+            raise InputTooLarge(
+                f"{len(texts)} inputs in one request is more than max_queue_size={self.args.max_queue_size}",
+                param="inputs",
+            )
+        limit = self.args.max_input_characters
+        for index, text in enumerate(texts):
+            if len(text) > limit:
+                raise InputTooLarge(
+                    f"input {index} has {len(text)} characters, more than max_input_characters={limit}",
+                    param="inputs",
+                )
 
     def _log_request(self, texts: list[str]) -> None:
         if self.args.disable_log_requests or not logger.isEnabledFor(logging.INFO):

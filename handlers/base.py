@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from engines.remote_predictor import RemoteV2Predictor
+from handlers.encoding import Encoded, TextCutter, pad_rows
 from handlers.errors import ServingError
 from handlers.requests import PredictOptions, TaskResult, TensorSpec
 from settings.arguments import ServerArguments
@@ -54,6 +55,7 @@ class PredictiveHandler(ABC):
         self.remote: RemoteV2Predictor | None = None  # with predictor_host: the forward pass runs there
         # transformers models are not safe to call from two threads at once.
         self._lock = threading.Lock()
+        self._cutters: dict[int, TextCutter] = {}
 
     def load(self) -> None:
         """Load the weights; slow, so it runs off the event loop after start-up."""
@@ -95,50 +97,89 @@ class PredictiveHandler(ABC):
         """Cheap checks before queueing, so a bad request fails alone and at once."""
 
     def predict_many(self, requests: list[tuple[list[str], PredictOptions]]) -> list[TaskResult | ServingError]:
-        """Run several requests in one forward pass; one result per request, in order."""
-        texts = [text for request_texts, _ in requests for text in request_texts]
-        need_offsets = any(
-            options.return_offsets_mapping or options.aggregation_strategy != "none" for _, options in requests
-        )
-        encoding = self.tokenizer(
-            texts,
+        """Tokenize and run several requests in one batch; one result per request, in order."""
+        return self.run([self.encode(texts, options) for texts, options in requests])
+
+    def encode(
+        self, texts: list[str], options: PredictOptions, tokenizer: PreTrainedTokenizerBase | None = None
+    ) -> Encoded:
+        """Tokenize one request (on a tokenizer lane): long texts cut safely, then truncated to max_model_len."""
+        tokenizer = tokenizer or self.tokenizer
+        cutter = self._cutters.get(id(tokenizer))
+        if cutter is None:
+            cutter = self._cutters[id(tokenizer)] = TextCutter(
+                tokenizer, self.source.max_model_len, self.args.add_special_tokens
+            )
+        need_offsets = options.return_offsets_mapping or options.aggregation_strategy != "none"
+        encoding = tokenizer(
+            cutter.cut(texts),
             max_length=self.source.max_model_len,
             truncation=True,
-            padding=True,
+            padding=False,
             add_special_tokens=self.args.add_special_tokens,
             return_token_type_ids=self.args.return_token_type_ids,
-            return_offsets_mapping=need_offsets and self.tokenizer.is_fast,
-            return_tensors="pt",
+            return_offsets_mapping=need_offsets and tokenizer.is_fast,
         )
-        offsets = encoding.pop("offset_mapping", None)
-        lengths = encoding["attention_mask"].sum(dim=1)
-        rows: list[EncodedRows] = []
-        start = 0
-        for request_texts, _ in requests:
-            stop = start + len(request_texts)
-            rows.append(EncodedRows(start, stop, int(lengths[start:stop].max())))
-            start = stop
-        model_inputs = {k: v.to(self.source.device) for k, v in encoding.items()}
+        return Encoded(texts, options, dict(encoding))
+
+    def run(self, requests: list[Encoded]) -> list[TaskResult | ServingError]:
+        """Forward several tokenized requests together (on the forward thread); one result per request.
+
+        Rows are sorted by length and run in passes, each padded to its own longest row and kept within
+        max_batch_tokens, so short rows do not pay for a long one's padding; outputs come back in row order.
+        """
         assert self.model is not None or self.remote is not None, "predict before load"
-        # Rows of the padded batch run in chunks that keep within the token budget (memory bound).
-        rows_per_pass = max(1, self.args.max_batch_tokens // max(1, encoding["input_ids"].shape[1]))
+        order = [(r, i) for r, encoded in enumerate(requests) for i in range(len(encoded.texts))]
+        lengths = [len(requests[r].features["input_ids"][i]) for r, i in order]
+        batch_len = max(lengths, default=1)
+        passes = plan_passes(lengths, self.args.max_batch_tokens)
+        pieces: list[tuple[list[int], torch.Tensor]] = []
         with self._lock, torch.inference_mode():
-            outputs = torch.cat(
-                [
-                    self.forward({k: v[i : i + rows_per_pass] for k, v in model_inputs.items()})
-                    for i in range(0, len(texts), rows_per_pass)
-                ]
-            )
-        batch = ForwardBatch(encoding=dict(encoding), outputs=outputs.float().cpu(), rows=rows, texts=texts)
-        if offsets is not None:
-            batch.encoding["offset_mapping"] = offsets
+            for indices in passes:
+                rows = [order[i] for i in indices]
+                length = max(lengths[i] for i in indices)
+                tensors = pad_rows(requests, rows, length, self.tokenizer)
+                tensors.pop("offset_mapping", None)
+                model_inputs = {k: v.to(self.source.device) for k, v in tensors.items()}
+                pieces.append((indices, self.forward(model_inputs).float().cpu()))
+        outputs = self._merge(pieces, len(order), batch_len)
+        encoding = pad_rows(requests, order, batch_len, self.tokenizer)
+        rows_of: list[EncodedRows] = []
+        start = 0
+        for encoded in requests:
+            stop = start + len(encoded.texts)
+            rows_of.append(EncodedRows(start, stop, max(lengths[start:stop], default=1)))
+            start = stop
+        texts = [text for encoded in requests for text in encoded.texts]
+        batch = ForwardBatch(encoding=encoding, outputs=outputs, rows=rows_of, texts=texts)
         results: list[TaskResult | ServingError] = []
-        for request_rows, (_, options) in zip(rows, requests, strict=True):
+        for request_rows, encoded in zip(rows_of, requests, strict=True):
             try:
-                results.append(self.postprocess(batch, request_rows, options))
+                results.append(self.postprocess(batch, request_rows, encoded.options))
             except ServingError as error:  # one request's problem must not fail the others in its batch
                 results.append(error)
         return results
+
+    # Whether dimension 1 of the forward output follows the tokens (padded like them) or is the task's own.
+    per_token_output: ClassVar[bool] = False
+
+    def _merge(self, pieces: list[tuple[list[int], torch.Tensor]], count: int, batch_len: int) -> torch.Tensor:
+        """The passes' outputs back in row order; 3-D outputs padded along dimension 1 to a common size."""
+        first = pieces[0][1]
+        if first.dim() == 2:
+            merged = torch.empty((count, first.shape[1]), dtype=first.dtype)
+            for indices, output in pieces:
+                merged[indices] = output
+            return merged
+        width = batch_len if self.per_token_output else max(output.shape[1] for _, output in pieces)
+        left = self.per_token_output and self.tokenizer.padding_side == "left"
+        merged = torch.zeros((count, width, first.shape[2]), dtype=first.dtype)
+        for indices, output in pieces:
+            if left:
+                merged[indices, width - output.shape[1] :] = output
+            else:
+                merged[indices, : output.shape[1]] = output
+        return merged
 
     # The model output a task post-processes: "logits" for heads, "last_hidden_state" for encoders.
     output_field: ClassVar[str] = "logits"
@@ -170,3 +211,27 @@ class PredictiveHandler(ABC):
     @staticmethod
     def token_count(batch: ForwardBatch, rows: EncodedRows) -> int:
         return int(batch.encoding["attention_mask"][rows.start : rows.stop].sum())
+
+
+def plan_passes(lengths: list[int], max_batch_tokens: int, min_pass_tokens: int = 512) -> list[list[int]]:
+    """Rows (indices into `lengths`) grouped into forward passes, shortest first.
+
+    A pass closes when the next row would take it past `max_batch_tokens` (rows x its longest row), or when
+    that row is over twice as long as the pass's shortest and the pass already holds `min_pass_tokens`
+    padded tokens: within a pass at most half the tokens are padding, and tiny passes are not split off.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    passes: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        length = lengths[index]
+        if current:
+            too_big = (len(current) + 1) * length > max_batch_tokens
+            too_ragged = length > 2 * lengths[current[0]] and len(current) * lengths[current[-1]] >= min_pass_tokens
+            if too_big or too_ragged:
+                passes.append(current)
+                current = []
+        current.append(index)
+    if current:
+        passes.append(current)
+    return passes

@@ -22,6 +22,13 @@ class InvalidInput(ServingError):
     error_type = "invalid_request_error"
 
 
+class InputTooLarge(ServingError):
+    """A request over an input limit (inputs per request, characters per input): 413 names the limit."""
+
+    status_code = 413
+    error_type = "invalid_request_error"
+
+
 class ModelNotFound(ServingError):
     status_code = 404
     error_type = "not_found_error"

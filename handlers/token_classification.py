@@ -16,6 +16,7 @@ from settings.tasks import Task
 class TokenClassificationHandler(PredictiveHandler):
     task = Task.token_classification
     model_class = AutoModelForTokenClassification
+    per_token_output = True
 
     def output_specs(self, options: PredictOptions) -> list[TensorSpec]:
         if options.aggregation_strategy != "none":

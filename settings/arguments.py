@@ -129,6 +129,21 @@ class ServerArguments(BaseModel):
         "which under load is a full batch anyway (requests queue while the model runs).",
     )
     max_queue_size: int = Field(4096, gt=0, description="Queued inputs beyond which requests get 429.")
+    # Input limits of encoder requests (hostile or careless clients): each is named in its 413 answer.
+    max_client_batch_size: int = Field(
+        32,
+        gt=0,
+        description="Most inputs in one encoder request; more get 413. TEI's default: one request fills one batch "
+        "(max_batch_size) at most, so it cannot hold a forward pass for long.",
+    )
+    max_input_characters: int = Field(
+        100_000,
+        gt=0,
+        description="Most characters in one input; a longer one gets 413 rather than being cut. Below it, long "
+        "texts are cut before tokenizing at a length that provably keeps the truncated tokens, so the cap only "
+        "bounds the worst case (a text with no word boundaries is tokenized whole). 100k characters is ~25k "
+        "tokens of English, far past any encoder's max_model_len.",
+    )
     torch_threads: int | None = Field(
         None, gt=0, description="torch intra-op threads; torch's default when unset. 1 suits small models on few cores."
     )
