@@ -24,6 +24,7 @@ from protocols.errors import kserve_error_body, openai_error_body
 from protocols.kserve_generation import GenerativeRuntime
 from routes import kserve as kserve_routes
 from routes import openai as openai_routes
+from routes.cancellation import CancelOnDisconnect
 from routes.common import OPENAI_PREFIX, Timer, json_response
 from settings.arguments import ArgumentError, ServerArguments, parse_arguments
 from settings.loading import ModelLoadError, ModelSource, apply_torch_threads, inspect_model
@@ -69,6 +70,7 @@ except PackageNotFoundError:
     SERVER_VERSION = "0.1.0"
 
 app = FastAPI(title="Hugging Face model server", version=SERVER_VERSION)
+app.add_middleware(CancelOnDisconnect)  # a client that leaves cancels its handler, on every route
 
 
 @app.exception_handler(ServingError)

@@ -180,9 +180,26 @@ def _bytes_element(element: Any) -> str:
 
 
 def output_tensors(result: TaskResult, specs: list[TensorSpec]) -> list[tuple[TensorSpec, list[int], list[Any]]]:
+    """Each output's shape and flat data.
+
+    A ragged BYTES output (fill_mask probabilities for inputs with different numbers of masks) cannot be a
+    rectangular tensor: it is answered with shape [inputs], each element the JSON text of that input's value
+    (JSON keys are strings), and, on REST, the output parameter content_type "json". A shorter shape than the
+    model metadata's tells the client which form it got.
+    """
     tensors = []
     for spec in specs:
-        shape, flat = _leaves(result.outputs[spec.name], len(spec.shape))
+        values = result.outputs[spec.name]
+        try:
+            shape, flat = _leaves(values, len(spec.shape))
+        except ValueError:
+            if spec.datatype != "BYTES":
+                raise InvalidInput(
+                    f"output '{spec.name}' is ragged (its inputs give different shapes) and {spec.datatype} tensors "
+                    "must be rectangular; send the inputs in separate requests"
+                ) from None
+            tensors.append((spec, [len(values)], [json.dumps(value) for value in values]))
+            continue
         if spec.datatype == "BYTES":
             flat = [_bytes_element(element) for element in flat]
         tensors.append((spec, shape, flat))
@@ -218,9 +235,11 @@ def infer_response(
     blobs = []
     for spec, shape, flat in output_tensors(result, select_outputs(specs, parsed.requested_outputs)):
         entry: dict[str, Any] = {"name": spec.name, "datatype": spec.datatype, "shape": shape}
+        if len(shape) < len(spec.shape):  # ragged: one JSON text per input
+            entry["parameters"] = {"content_type": "json"}
         if (parsed.binary_output and not parsed.requested_outputs) or spec.name in binary_names:
             blob = v2_binary.encode_tensor(spec.datatype, flat)
-            entry["parameters"] = {"binary_data_size": len(blob)}
+            entry["parameters"] = {**entry.get("parameters", {}), "binary_data_size": len(blob)}
             blobs.append(blob)
         else:
             entry["data"] = flat
