@@ -18,6 +18,8 @@ class TensorSpec:
     name: str
     datatype: str
     shape: list[int]
+    # Not in KServe's answer: sent only when the request names it in `outputs` or sets `extra_outputs`.
+    extra: bool = False
 
 
 class RequestOptions(BaseModel):
@@ -28,6 +30,11 @@ class RequestOptions(BaseModel):
     return_probabilities: bool | None = Field(None, description="Softmax probabilities (4 decimals, as KServe).")
     return_raw_logits: bool | None = Field(None, description="Raw logits instead of the argmax.")
     return_offsets_mapping: bool | None = Field(None, description="Add the tokens' character offsets.")
+    extra_outputs: bool = Field(
+        False,
+        description="V2: also send the extra tensors (e.g. the FP32 'probabilities' or 'logits' beside output-0) "
+        "without naming them in `outputs`. Off by default, so a V2 answer is exactly KServe's.",
+    )
     labels: bool = Field(False, description="Label names from the config's id2label instead of class indices.")
     top_k: int | None = Field(
         None, gt=0, description="fill_mask: the k best tokens per mask with scores; generation: top-k sampling."

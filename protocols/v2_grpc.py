@@ -119,7 +119,9 @@ def infer_response(
     model_name: str, parsed: v2.ParsedInfer, result: TaskResult, specs: list[TensorSpec]
 ) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(model_name=model_name, id=parsed.request_id or "")
-    for spec, shape, flat in v2.output_tensors(result, v2.select_outputs(specs, parsed.requested_outputs)):
+    for spec, shape, flat in v2.output_tensors(
+        result, v2.select_outputs(specs, parsed.requested_outputs, parsed.options.extra_outputs)
+    ):
         response.outputs.add(name=spec.name, datatype=spec.datatype, shape=shape)
         response.raw_output_contents.append(v2_binary.encode_tensor(spec.datatype, flat))
     return response
