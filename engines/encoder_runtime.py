@@ -14,13 +14,13 @@ from engines.batcher import MicroBatcher
 from handlers.base import PredictiveHandler
 from handlers.errors import InvalidInput, NotReady, ServingError
 from handlers.registry import handler_class_for
-from handlers.requests import GENERATION_ONLY_OPTIONS, PredictOptions, RequestOptions, TaskResult
+from handlers.requests import GENERATION_ONLY_OPTIONS, PredictOptions, RequestOptions, TaskResult, TextInput
 from settings.arguments import ServerArguments
 from settings.loading import ModelSource, inspect_model
 
 logger = logging.getLogger(__name__)
 
-Work = tuple[list[str], PredictOptions]
+Work = tuple[list[TextInput], PredictOptions]
 
 
 class PredictiveRuntime:
@@ -82,9 +82,12 @@ class PredictiveRuntime:
             raise InvalidInput("top_k applies to fill_mask models only", param="top_k")
         if options.aggregation_strategy != "none" and self.source.task.value != "token_classification":
             raise InvalidInput("aggregation_strategy applies to token_classification models only")
+        for name in ("dimensions", "prompt_name"):
+            if getattr(options, name) is not None and self.source.task.value != "text_embedding":
+                raise InvalidInput(f"{name} applies to text_embedding models only", param=name)
         return options
 
-    async def predict(self, texts: list[str], options: PredictOptions) -> TaskResult:
+    async def predict(self, texts: list[TextInput], options: PredictOptions) -> TaskResult:
         if self._batcher is None or not self.ready:
             raise self.not_ready_error()
         self.handler.validate(texts, options)
@@ -99,7 +102,7 @@ class PredictiveRuntime:
             raise result
         return result
 
-    def _log_request(self, texts: list[str]) -> None:
+    def _log_request(self, texts: list[TextInput]) -> None:
         if self.args.disable_log_requests or not logger.isEnabledFor(logging.INFO):
             return
         limit = self.args.max_log_len

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 
 from engines.remote_predictor import RemoteV2Predictor
 from handlers.errors import ServingError
-from handlers.requests import PredictOptions, TaskResult, TensorSpec
+from handlers.requests import PredictOptions, TaskResult, TensorSpec, TextInput
 from settings.arguments import ServerArguments
 from settings.loading import ModelSource
 from settings.tasks import Task
@@ -37,7 +37,7 @@ class ForwardBatch:
     encoding: dict[str, torch.Tensor]
     outputs: torch.Tensor
     rows: list[EncodedRows] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)  # the inputs, in row order
+    texts: list[TextInput] = field(default_factory=list)  # the inputs, in row order
 
 
 class PredictiveHandler(ABC):
@@ -50,6 +50,7 @@ class PredictiveHandler(ABC):
         self.source = source
         self.args = args
         self.tokenizer = source.tokenizer
+        self.max_length = source.max_model_len  # tokens kept of each input (subclasses may lower it)
         self.model: PreTrainedModel | None = None
         self.remote: RemoteV2Predictor | None = None  # with predictor_host: the forward pass runs there
         # transformers models are not safe to call from two threads at once.
@@ -91,25 +92,46 @@ class PredictiveHandler(ABC):
 
     # --- the work ---
 
-    def validate(self, texts: list[str], options: PredictOptions) -> None:  # noqa: B027 - optional hook
+    def validate(self, texts: list[TextInput], options: PredictOptions) -> None:  # noqa: B027 - optional hook
         """Cheap checks before queueing, so a bad request fails alone and at once."""
 
-    def predict_many(self, requests: list[tuple[list[str], PredictOptions]]) -> list[TaskResult | ServingError]:
+    def model_texts(self, texts: list[TextInput], options: PredictOptions) -> list[TextInput]:
+        """The inputs as the model sees them; text_embedding puts the request's prompt before each text."""
+        return texts
+
+    def tokenize(self, texts: list[TextInput], need_offsets: bool) -> dict[str, torch.Tensor]:
+        """One padded batch; token-id inputs (lists of ints) go in as they are, beside tokenized texts."""
+        if all(isinstance(text, str) for text in texts):
+            return self.tokenizer(
+                texts,
+                max_length=self.max_length,
+                truncation=True,
+                padding=True,
+                add_special_tokens=self.args.add_special_tokens,
+                return_token_type_ids=self.args.return_token_type_ids,
+                return_offsets_mapping=need_offsets and self.tokenizer.is_fast,
+                return_tensors="pt",
+            )
+        ids = [
+            text
+            if not isinstance(text, str)
+            else self.tokenizer(
+                text, max_length=self.max_length, truncation=True, add_special_tokens=self.args.add_special_tokens
+            )["input_ids"]
+            for text in texts
+        ]
+        encoding = dict(self.tokenizer.pad({"input_ids": ids}, return_attention_mask=True, return_tensors="pt"))
+        if "token_type_ids" in self.tokenizer.model_input_names and self.args.return_token_type_ids is not False:
+            encoding["token_type_ids"] = torch.zeros_like(encoding["input_ids"])  # one segment, as for one text
+        return encoding
+
+    def predict_many(self, requests: list[tuple[list[TextInput], PredictOptions]]) -> list[TaskResult | ServingError]:
         """Run several requests in one forward pass; one result per request, in order."""
-        texts = [text for request_texts, _ in requests for text in request_texts]
+        texts = [text for request_texts, options in requests for text in self.model_texts(request_texts, options)]
         need_offsets = any(
             options.return_offsets_mapping or options.aggregation_strategy != "none" for _, options in requests
         )
-        encoding = self.tokenizer(
-            texts,
-            max_length=self.source.max_model_len,
-            truncation=True,
-            padding=True,
-            add_special_tokens=self.args.add_special_tokens,
-            return_token_type_ids=self.args.return_token_type_ids,
-            return_offsets_mapping=need_offsets and self.tokenizer.is_fast,
-            return_tensors="pt",
-        )
+        encoding = self.tokenize(texts, need_offsets)
         offsets = encoding.pop("offset_mapping", None)
         lengths = encoding["attention_mask"].sum(dim=1)
         rows: list[EncodedRows] = []

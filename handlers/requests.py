@@ -10,6 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from handlers.errors import InvalidInput
 from settings.arguments import ServerArguments
 
+# One input of a predictive request: a text, or (OpenAI embeddings) the token ids to give the model as they are.
+TextInput = str | list[int]
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -42,6 +45,18 @@ class RequestOptions(BaseModel):
     aggregation_strategy: Literal["none", "simple"] = Field(
         "none", description="token_classification: 'simple' merges tokens into entity spans."
     )
+    # text_embedding: Matryoshka truncation and sentence-transformers prompts.
+    dimensions: int | None = Field(
+        None,
+        gt=0,
+        description="text_embedding: keep the first `dimensions` values, then L2-normalise again when the model's "
+        "vectors are normalised (OpenAI's `dimensions`); at most the model's own size.",
+    )
+    prompt_name: str | None = Field(
+        None,
+        description="text_embedding: a prompt of the folder's config_sentence_transformers.json, put before each "
+        "text (TEI's prompt_name); the folder's default_prompt_name when unset.",
+    )
     # Text generation over V1/V2, by OpenAI's completion names and meanings.
     max_tokens: int | None = Field(None, gt=0, description="generation: most tokens to generate.")
     temperature: float | None = Field(None, ge=0, description="generation: 0 is greedy.")
@@ -57,7 +72,15 @@ class RequestOptions(BaseModel):
 
 
 PREDICTIVE_ONLY_OPTIONS = frozenset(
-    {"return_probabilities", "return_raw_logits", "return_offsets_mapping", "labels", "aggregation_strategy"}
+    {
+        "return_probabilities",
+        "return_raw_logits",
+        "return_offsets_mapping",
+        "labels",
+        "aggregation_strategy",
+        "dimensions",
+        "prompt_name",
+    }
 )
 GENERATION_ONLY_OPTIONS = frozenset(
     {"max_tokens", "temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty"}
@@ -74,6 +97,8 @@ class PredictOptions:
     labels: bool = False
     top_k: int | None = None
     aggregation_strategy: str = "none"
+    dimensions: int | None = None
+    prompt_name: str | None = None
 
     @classmethod
     def merge(cls, args: ServerArguments, request: RequestOptions | None) -> PredictOptions:
@@ -94,6 +119,8 @@ class PredictOptions:
             labels=request.labels,
             top_k=request.top_k,
             aggregation_strategy=request.aggregation_strategy,
+            dimensions=request.dimensions,
+            prompt_name=request.prompt_name,
         )
 
 

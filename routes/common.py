@@ -13,9 +13,10 @@ import bentoml
 import orjson
 from fastapi import Request
 from fastapi.responses import Response
+from pydantic import BaseModel
 
 from handlers.errors import InvalidInput, ModelNotFound, UnsupportedMediaType
-from handlers.requests import TaskResult
+from handlers.requests import TaskResult, TextInput
 
 if TYPE_CHECKING:
     from engines.encoder_runtime import PredictiveRuntime
@@ -72,8 +73,20 @@ def check_model_name(served: ServedModel, name: str | None) -> None:
         raise ModelNotFound(name)
 
 
-async def predict(served: ServedModel, texts: list[str], options: Any) -> TaskResult:
+async def predict(served: ServedModel, texts: list[TextInput], options: Any) -> TaskResult:
     return await served.timer.run("predict", lambda: served.runtime.predict(texts, options))
+
+
+def request_body(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI text for a route that reads its JSON body itself (to answer errors in its protocol's shape)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}
+            },
+        }
+    }
 
 
 def json_response(body: Any, status_code: int = 200) -> Response:
