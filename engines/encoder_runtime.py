@@ -34,7 +34,9 @@ class PredictiveRuntime:
 
     @property
     def ready(self) -> bool:
-        return self._ready.is_set()
+        """Loaded and warmed up; with enable_predictor_health_check, the remote predictor ready too."""
+        remote = self.handler.remote
+        return self._ready.is_set() and (remote is None or remote.healthy)
 
     def start_loading(self) -> threading.Thread:
         thread = threading.Thread(target=self._load, name="model-loader", daemon=True)

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from transformers import PreTrainedModel
 
-from engines.remote_predictor import RemoteV2Predictor
+from engines import remote_predictor
 from handlers.errors import ServingError
 from handlers.requests import PredictOptions, TaskResult, TensorSpec, TextInput
 from settings.arguments import ServerArguments
@@ -52,17 +52,16 @@ class PredictiveHandler(ABC):
         self.tokenizer = source.tokenizer
         self.max_length = source.max_model_len  # tokens kept of each input (subclasses may lower it)
         self.model: PreTrainedModel | None = None
-        self.remote: RemoteV2Predictor | None = None  # with predictor_host: the forward pass runs there
+        self.remote: remote_predictor.RemotePredictor | None = None  # with predictor_host: the forward pass runs there
         # transformers models are not safe to call from two threads at once.
         self._lock = threading.Lock()
 
     def load(self) -> None:
         """Load the weights; slow, so it runs off the event loop after start-up."""
         if self.args.predictor_host:
-            names = (
-                [n.strip() for n in self.args.tensor_input_names.split(",")] if self.args.tensor_input_names else None
-            )
-            self.remote = RemoteV2Predictor(self.args.predictor_host, self.args.model_name, names)
+            self.remote = remote_predictor.connect(self.args)
+            if self.args.enable_predictor_health_check:
+                self.remote.watch()
             return
         model = self.model_class.from_pretrained(
             str(self.source.path),

@@ -303,6 +303,8 @@ async def start_grpc_server(
     server_name: str = DEFAULT_SERVER_NAME,
     server_version: str | None = None,
     timer: StageTimer | None = None,
+    max_send_message_length: int = MAX_MESSAGE_BYTES,
+    max_receive_message_length: int = MAX_MESSAGE_BYTES,
 ) -> grpc.aio.Server:
     """Serve GRPCInferenceService on host:port in the running event loop; stop it with `await server.stop(grace)`.
 
@@ -310,8 +312,8 @@ async def start_grpc_server(
     """
     server = grpc.aio.server(
         options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", max_send_message_length),
+            ("grpc.max_receive_message_length", max_receive_message_length),
             ("grpc.so_reuseport", 1),
         ]
     )

@@ -46,6 +46,7 @@ def test_kserve_flags_translate_to_bentoml_serve():
     assert command == [
         "serve", "service:HuggingFaceService", "--port", "8080",
         "--arg", "model_name=m", "--arg", "return_probabilities=true", "--arg", "max_length=64",
+        "--arg", "grpc_port=8081",  # KServe serves gRPC on 8081 unless --enable_grpc=false
     ]  # fmt: skip
 
 
