@@ -22,7 +22,7 @@ import torch
 import tritonclient.grpc as triton
 import yaml
 
-from engines.remote_predictor import GrpcV2Predictor, RemotePredictorError
+from engines.remote_predictor import GrpcV2Predictor, RemotePredictorError, RemoteV2Predictor, connect
 from huggingfaceserver.__main__ import kserve_to_bentoml
 from settings.arguments import parse_arguments
 from tests import oip_grpc_server, reference
@@ -118,6 +118,18 @@ def test_grpc_predictor_sends_binary_tensors_and_retries_unavailable(oip, tiny_m
         impatient.infer(dict(encoding))
     assert raised.value.status_code == 502
     assert impatient.is_ready() and not GrpcV2Predictor(host, "other", None).is_ready()
+
+
+def test_predictor_use_ssl_and_protocol_choose_the_transport():
+    rest = connect(parse_arguments({"predictor_host": "h:1", "predictor_use_ssl": True}, environ={}))
+    assert isinstance(rest, RemoteV2Predictor) and rest.url == "https://h:1/v2/models/model/infer"
+    plain = connect(parse_arguments({"predictor_host": "h:1", "predictor_request_retries": 3}, environ={}))
+    assert isinstance(plain, RemoteV2Predictor) and plain.url.startswith("http://") and plain.retries == 3
+    grpc_args = {"predictor_host": "h:1", "protocol": "grpc-v2", "predictor_request_timeout_seconds": 9}
+    remote = connect(parse_arguments(grpc_args, environ={}))
+    assert isinstance(remote, GrpcV2Predictor) and (remote.host, remote.timeout_s) == ("h:1", 9)
+    for predictor in (rest, plain, remote):
+        predictor.close()
 
 
 # --- the whole command line, served ---
