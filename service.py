@@ -6,6 +6,8 @@ Routes never touch torch: predictive work goes through the runtime's batcher thr
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -27,7 +29,7 @@ from routes import openai as openai_routes
 from routes.cancellation import CancelOnDisconnect
 from routes.common import OPENAI_PREFIX, Timer, json_response
 from settings.arguments import ArgumentError, ServerArguments, parse_arguments
-from settings.loading import ModelLoadError, ModelSource, apply_torch_threads, inspect_model
+from settings.loading import ModelLoadError, ModelSource, apply_log_config, apply_torch_threads, inspect_model
 from settings.model_store import stored_model_path
 from settings.tasks import TaskError
 
@@ -49,6 +51,8 @@ def _settle_model() -> tuple[ServerArguments, ModelSource]:
                     f"bento_model '{args.bento_model}' is not in BentoML's model store: {error}"
                 ) from None
             args = args.model_copy(update={"model_dir": str(baked), "model_id": None})
+        if args.configure_logging and args.log_config_file:
+            apply_log_config(args.log_config_file)  # after BentoML's own set-up, which runs before this import
         source = inspect_model(args)
         if source.task.is_generative and args.predictor_host:
             raise ModelLoadError("predictor_host serves encoder tasks; generative models run in this server")
@@ -111,7 +115,7 @@ class HuggingFaceService:  # routes are mounted per instance in __init__
     def __init__(self) -> None:
         self.args = ARGS
         apply_torch_threads(ARGS)
-        self.timer = Timer(ARGS.model_name)
+        self.timer = Timer(ARGS.model_name, latency_logging=ARGS.enable_latency_logging)
         self.generation: GenerationBackend | None = None
         self.runtime: PredictiveRuntime | GenerativeRuntime
         if SOURCE.task.is_generative:
@@ -132,13 +136,18 @@ class HuggingFaceService:  # routes are mounted per instance in __init__
         """The generation engine and the gRPC service (KServe's port 8081) live in this worker's event loop."""
         if isinstance(self.runtime, GenerativeRuntime):
             self.runtime.start_loading()
-        if self.args.grpc_port is not None:
+        if self.args.max_asyncio_workers is not None:
+            executor = concurrent.futures.ThreadPoolExecutor(self.args.max_asyncio_workers, "asyncio-worker")
+            asyncio.get_running_loop().set_default_executor(executor)
+        if self.args.grpc_port is not None and self.args.enable_grpc:
             self.grpc_server = await v2_grpc.start_grpc_server(
                 self.runtime,
                 self.args.grpc_port,
                 server_name=SERVER_NAME,
                 server_version=SERVER_VERSION,
                 timer=self.timer,
+                max_send_message_length=self.args.grpc_max_send_message_length,
+                max_receive_message_length=self.args.grpc_max_receive_message_length,
             )
 
     @bentoml.on_shutdown

@@ -16,13 +16,13 @@ from handlers.base import PredictiveHandler
 from handlers.encoding import Encoded, first_cut
 from handlers.errors import InputTooLarge, InvalidInput, NotReady, ServingError
 from handlers.registry import handler_class_for
-from handlers.requests import GENERATION_ONLY_OPTIONS, PredictOptions, RequestOptions, TaskResult
+from handlers.requests import GENERATION_ONLY_OPTIONS, PredictOptions, RequestOptions, TaskResult, TextInput
 from settings.arguments import ServerArguments
 from settings.loading import ModelSource, inspect_model
 
 logger = logging.getLogger(__name__)
 
-Work = tuple[list[str], PredictOptions]
+Work = tuple[list[TextInput], PredictOptions]
 
 
 class PredictiveRuntime:
@@ -36,7 +36,9 @@ class PredictiveRuntime:
 
     @property
     def ready(self) -> bool:
-        return self._ready.is_set()
+        """Loaded and warmed up; with enable_predictor_health_check, the remote predictor ready too."""
+        remote = self.handler.remote
+        return self._ready.is_set() and (remote is None or remote.healthy)
 
     def start_loading(self) -> threading.Thread:
         thread = threading.Thread(target=self._load, name="model-loader", daemon=True)
@@ -97,9 +99,12 @@ class PredictiveRuntime:
             raise InvalidInput("top_k applies to fill_mask models only", param="top_k")
         if options.aggregation_strategy != "none" and self.source.task.value != "token_classification":
             raise InvalidInput("aggregation_strategy applies to token_classification models only")
+        for name in ("dimensions", "prompt_name"):
+            if getattr(options, name) is not None and self.source.task.value != "text_embedding":
+                raise InvalidInput(f"{name} applies to text_embedding models only", param=name)
         return options
 
-    async def predict(self, texts: list[str], options: PredictOptions) -> TaskResult:
+    async def predict(self, texts: list[TextInput], options: PredictOptions) -> TaskResult:
         if self._batcher is None or not self.ready:
             raise self.not_ready_error()
         self.check_limits(texts)
@@ -110,7 +115,7 @@ class PredictiveRuntime:
             raise result
         return result
 
-    def check_limits(self, texts: list[str]) -> None:
+    def check_limits(self, texts: list[TextInput]) -> None:
         """413 for a request over an input limit, before any work; the limit's argument is named."""
         if len(texts) > self.args.max_client_batch_size:
             raise InputTooLarge(
@@ -132,7 +137,7 @@ class PredictiveRuntime:
                     param="inputs",
                 )
 
-    def _log_request(self, texts: list[str]) -> None:
+    def _log_request(self, texts: list[TextInput]) -> None:
         if self.args.disable_log_requests or not logger.isEnabledFor(logging.INFO):
             return
         limit = self.args.max_log_len

@@ -13,10 +13,10 @@ from typing import Any, ClassVar
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from engines.remote_predictor import RemoteV2Predictor
+from engines import remote_predictor
 from handlers.encoding import Encoded, TextCutter, pad_rows
 from handlers.errors import ServingError
-from handlers.requests import PredictOptions, TaskResult, TensorSpec
+from handlers.requests import PredictOptions, TaskResult, TensorSpec, TextInput
 from settings.arguments import ServerArguments
 from settings.loading import ModelSource
 from settings.tasks import Task
@@ -38,7 +38,7 @@ class ForwardBatch:
     encoding: dict[str, torch.Tensor]
     outputs: torch.Tensor
     rows: list[EncodedRows] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)  # the inputs, in row order
+    texts: list[TextInput] = field(default_factory=list)  # the inputs, in row order
 
 
 class PredictiveHandler(ABC):
@@ -51,8 +51,9 @@ class PredictiveHandler(ABC):
         self.source = source
         self.args = args
         self.tokenizer = source.tokenizer
+        self.max_length = source.max_model_len  # tokens kept of each input (subclasses may lower it)
         self.model: PreTrainedModel | None = None
-        self.remote: RemoteV2Predictor | None = None  # with predictor_host: the forward pass runs there
+        self.remote: remote_predictor.RemotePredictor | None = None  # with predictor_host: the forward pass runs there
         # transformers models are not safe to call from two threads at once.
         self._lock = threading.Lock()
         self._cutters: dict[int, TextCutter] = {}
@@ -60,10 +61,9 @@ class PredictiveHandler(ABC):
     def load(self) -> None:
         """Load the weights; slow, so it runs off the event loop after start-up."""
         if self.args.predictor_host:
-            names = (
-                [n.strip() for n in self.args.tensor_input_names.split(",")] if self.args.tensor_input_names else None
-            )
-            self.remote = RemoteV2Predictor(self.args.predictor_host, self.args.model_name, names)
+            self.remote = remote_predictor.connect(self.args)
+            if self.args.enable_predictor_health_check:
+                self.remote.watch()
             return
         model = self.model_class.from_pretrained(
             str(self.source.path),
@@ -93,34 +93,54 @@ class PredictiveHandler(ABC):
 
     # --- the work ---
 
-    def validate(self, texts: list[str], options: PredictOptions) -> None:  # noqa: B027 - optional hook
+    def validate(self, texts: list[TextInput], options: PredictOptions) -> None:  # noqa: B027 - optional hook
         """Cheap checks before queueing, so a bad request fails alone and at once."""
 
-    def predict_many(self, requests: list[tuple[list[str], PredictOptions]]) -> list[TaskResult | ServingError]:
+    def model_texts(self, texts: list[TextInput], options: PredictOptions) -> list[TextInput]:
+        """The inputs as the model sees them; text_embedding puts the request's prompt before each text."""
+        return texts
+
+    def predict_many(self, requests: list[tuple[list[TextInput], PredictOptions]]) -> list[TaskResult | ServingError]:
         """Tokenize and run several requests in one batch; one result per request, in order."""
         return self.run([self.encode(texts, options) for texts, options in requests])
 
     def encode(
-        self, texts: list[str], options: PredictOptions, tokenizer: PreTrainedTokenizerBase | None = None
+        self, texts: list[TextInput], options: PredictOptions, tokenizer: PreTrainedTokenizerBase | None = None
     ) -> Encoded:
-        """Tokenize one request (on a tokenizer lane): long texts cut safely, then truncated to max_model_len."""
+        """Tokenize one request (on a tokenizer lane): long texts cut safely, then truncated to max_length.
+
+        Token-id inputs (lists of ints) are the model's input as given: one segment, every token attended.
+        """
         tokenizer = tokenizer or self.tokenizer
         cutter = self._cutters.get(id(tokenizer))
         if cutter is None:
-            cutter = self._cutters[id(tokenizer)] = TextCutter(
-                tokenizer, self.source.max_model_len, self.args.add_special_tokens
-            )
+            cutter = self._cutters[id(tokenizer)] = TextCutter(tokenizer, self.max_length, self.args.add_special_tokens)
         need_offsets = options.return_offsets_mapping or options.aggregation_strategy != "none"
+        inputs = self.model_texts(texts, options)
+        strings = [text for text in inputs if isinstance(text, str)]
         encoding = tokenizer(
-            cutter.cut(texts),
-            max_length=self.source.max_model_len,
+            cutter.cut(strings) if strings else [""],
+            max_length=self.max_length,
             truncation=True,
             padding=False,
             add_special_tokens=self.args.add_special_tokens,
             return_token_type_ids=self.args.return_token_type_ids,
             return_offsets_mapping=need_offsets and tokenizer.is_fast,
         )
-        return Encoded(texts, options, dict(encoding))
+        if len(strings) == len(inputs):
+            return Encoded(texts, options, dict(encoding))
+        features: dict[str, list[list[Any]]] = {key: [] for key in encoding}
+        tokenized = iter(range(len(strings)))
+        for text in inputs:
+            if isinstance(text, str):
+                row = next(tokenized)
+                for key in features:
+                    features[key].append(encoding[key][row])
+                continue
+            for key in features:
+                fill = {"input_ids": None, "attention_mask": 1, "offset_mapping": (0, 0)}.get(key, 0)
+                features[key].append(list(text) if fill is None else [fill] * len(text))
+        return Encoded(texts, options, features)
 
     def run(self, requests: list[Encoded]) -> list[TaskResult | ServingError]:
         """Forward several tokenized requests together (on the forward thread); one result per request.

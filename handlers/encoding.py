@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from handlers.requests import PredictOptions
+from handlers.requests import PredictOptions, TextInput
 
 # Padding values of each feature a tokenizer may return (offsets pad as (0, 0), as transformers pads them).
 _PAD_VALUES = {"attention_mask": 0, "special_tokens_mask": 1}
@@ -21,7 +21,7 @@ _PAD_VALUES = {"attention_mask": 0, "special_tokens_mask": 1}
 class Encoded:
     """One request, tokenized: per feature, one unpadded list per input (truncated to max_model_len)."""
 
-    texts: list[str]
+    texts: list[TextInput]  # str, or token ids given as they are
     options: PredictOptions
     features: dict[str, list[list[Any]]]
 

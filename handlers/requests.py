@@ -10,6 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from handlers.errors import InvalidInput
 from settings.arguments import ServerArguments
 
+# One input of a predictive request: a text, or (OpenAI embeddings) the token ids to give the model as they are.
+TextInput = str | list[int]
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -18,6 +21,8 @@ class TensorSpec:
     name: str
     datatype: str
     shape: list[int]
+    # Not in KServe's answer: sent only when the request names it in `outputs` or sets `extra_outputs`.
+    extra: bool = False
 
 
 class RequestOptions(BaseModel):
@@ -28,12 +33,29 @@ class RequestOptions(BaseModel):
     return_probabilities: bool | None = Field(None, description="Softmax probabilities (4 decimals, as KServe).")
     return_raw_logits: bool | None = Field(None, description="Raw logits instead of the argmax.")
     return_offsets_mapping: bool | None = Field(None, description="Add the tokens' character offsets.")
+    extra_outputs: bool = Field(
+        False,
+        description="V2: also send the extra tensors (e.g. the FP32 'probabilities' or 'logits' beside output-0) "
+        "without naming them in `outputs`. Off by default, so a V2 answer is exactly KServe's.",
+    )
     labels: bool = Field(False, description="Label names from the config's id2label instead of class indices.")
     top_k: int | None = Field(
         None, gt=0, description="fill_mask: the k best tokens per mask with scores; generation: top-k sampling."
     )
     aggregation_strategy: Literal["none", "simple"] = Field(
         "none", description="token_classification: 'simple' merges tokens into entity spans."
+    )
+    # text_embedding: Matryoshka truncation and sentence-transformers prompts.
+    dimensions: int | None = Field(
+        None,
+        gt=0,
+        description="text_embedding: keep the first `dimensions` values, then L2-normalise again when the model's "
+        "vectors are normalised (OpenAI's `dimensions`); at most the model's own size.",
+    )
+    prompt_name: str | None = Field(
+        None,
+        description="text_embedding: a prompt of the folder's config_sentence_transformers.json, put before each "
+        "text (TEI's prompt_name); the folder's default_prompt_name when unset.",
     )
     # Text generation over V1/V2, by OpenAI's completion names and meanings.
     max_tokens: int | None = Field(None, gt=0, description="generation: most tokens to generate.")
@@ -50,7 +72,15 @@ class RequestOptions(BaseModel):
 
 
 PREDICTIVE_ONLY_OPTIONS = frozenset(
-    {"return_probabilities", "return_raw_logits", "return_offsets_mapping", "labels", "aggregation_strategy"}
+    {
+        "return_probabilities",
+        "return_raw_logits",
+        "return_offsets_mapping",
+        "labels",
+        "aggregation_strategy",
+        "dimensions",
+        "prompt_name",
+    }
 )
 GENERATION_ONLY_OPTIONS = frozenset(
     {"max_tokens", "temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty"}
@@ -67,6 +97,8 @@ class PredictOptions:
     labels: bool = False
     top_k: int | None = None
     aggregation_strategy: str = "none"
+    dimensions: int | None = None
+    prompt_name: str | None = None
 
     @classmethod
     def merge(cls, args: ServerArguments, request: RequestOptions | None) -> PredictOptions:
@@ -87,6 +119,8 @@ class PredictOptions:
             labels=request.labels,
             top_k=request.top_k,
             aggregation_strategy=request.aggregation_strategy,
+            dimensions=request.dimensions,
+            prompt_name=request.prompt_name,
         )
 
 

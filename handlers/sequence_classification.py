@@ -21,7 +21,10 @@ class SequenceClassificationHandler(PredictiveHandler):
     def output_specs(self, options: PredictOptions) -> list[TensorSpec]:
         if options.return_probabilities or options.return_raw_logits:
             scores = "probabilities" if options.return_probabilities else "logits"
-            return [TensorSpec("output-0", "BYTES", [-1]), TensorSpec(scores, "FP32", [-1, self.num_labels])]
+            return [
+                TensorSpec("output-0", "BYTES", [-1]),
+                TensorSpec(scores, "FP32", [-1, self.num_labels], extra=True),
+            ]
         return [TensorSpec("output-0", "BYTES" if options.labels else "INT64", [-1])]
 
     def postprocess(self, batch: ForwardBatch, rows: EncodedRows, options: PredictOptions) -> TaskResult:

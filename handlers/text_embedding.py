@@ -1,4 +1,9 @@
-"""text_embedding: one vector per input, pooled as the model folder says."""
+"""text_embedding: one vector per input, computed as the folder's sentence-transformers stack says.
+
+Transformer -> Pooling -> Dense layers -> Normalize (handlers/sentence_stack.py reads them), with the
+folder's max_seq_length and prompts; a folder without sentence-transformers files gets KServe's mean
+pooling and L2 normalisation. `dimensions` keeps the first values and normalises them again (Matryoshka).
+"""
 
 from __future__ import annotations
 
@@ -7,27 +12,12 @@ import torch.nn.functional as F
 from transformers import AutoModel
 
 from handlers.base import EncodedRows, ForwardBatch, PredictiveHandler
-from handlers.requests import PredictOptions, TaskResult, TensorSpec
+from handlers.errors import InvalidInput
+from handlers.requests import PredictOptions, TaskResult, TensorSpec, TextInput
+from handlers.sentence_stack import Dense, SentenceStack, read_stack
 from settings.arguments import ServerArguments
 from settings.loading import ModelSource
-from settings.tasks import Task, has_normalize_module, read_pooling_config
-
-_POOLING_KEYS = {
-    "pooling_mode_cls_token": "cls",
-    "pooling_mode_mean_tokens": "mean",
-    "pooling_mode_max_tokens": "max",
-    "pooling_mode_lasttoken": "lasttoken",
-}
-
-
-def pooling_from_folder(source: ModelSource) -> tuple[str, bool]:
-    """(pooling mode, normalise): the sentence-transformers folder's own, else KServe's mean + L2."""
-    config = read_pooling_config(source.path)
-    if config is None:
-        return "mean", True
-    modes = [mode for key, mode in _POOLING_KEYS.items() if config.get(key)]
-    mode = modes[0] if modes else "mean"
-    return mode, has_normalize_module(source.path)
+from settings.tasks import Task
 
 
 class TextEmbeddingHandler(PredictiveHandler):
@@ -36,24 +26,88 @@ class TextEmbeddingHandler(PredictiveHandler):
 
     def __init__(self, source: ModelSource, args: ServerArguments) -> None:
         super().__init__(source, args)
-        self.pooling, self.normalize = pooling_from_folder(source)
+        self.stack: SentenceStack = read_stack(source.path)
+        self.dense: list[Dense] = []
+        # The folder's max_seq_length, unless max_model_len was set explicitly (then the argument wins).
+        if self.stack.max_seq_length is not None and args.max_model_len is None:
+            self.max_length = min(self.stack.max_seq_length, source.max_model_len)
+
+    @property
+    def pooling(self) -> str:
+        return self.stack.pooling
+
+    @property
+    def normalize(self) -> bool:
+        return self.stack.normalize
 
     @property
     def dimensions(self) -> int:
-        return int(self.source.config.hidden_size)
+        """Size of the vectors: the last Dense layer's output, else the encoder's hidden size."""
+        return self.stack.dense[-1].out_features if self.stack.dense else int(self.source.config.hidden_size)
+
+    def load(self) -> None:
+        super().load()
+        self.dense = [Dense(layer).to(self.source.device, self.source.dtype).eval() for layer in self.stack.dense]
 
     def output_specs(self, options: PredictOptions) -> list[TensorSpec]:
-        return [TensorSpec("output-0", "FP64", [-1, self.dimensions])]
+        return [TensorSpec("output-0", "FP64", [-1, options.dimensions or self.dimensions])]
 
     output_field = "last_hidden_state"
 
+    # --- request checks and prompts ---
+
+    def prompt(self, options: PredictOptions) -> str:
+        name = options.prompt_name or self.stack.default_prompt_name
+        if name is None:
+            return ""
+        if name not in self.stack.prompts:
+            known = ", ".join(sorted(self.stack.prompts)) or "none"
+            raise InvalidInput(
+                f"prompt_name '{name}' is not one of this model's prompts ({known})", param="prompt_name"
+            )
+        return self.stack.prompts[name]
+
+    def validate(self, texts: list[TextInput], options: PredictOptions) -> None:
+        if options.dimensions is not None and options.dimensions > self.dimensions:
+            raise InvalidInput(
+                f"dimensions={options.dimensions} is larger than this model's {self.dimensions}-value embeddings",
+                param="dimensions",
+            )
+        vocabulary = int(self.source.config.vocab_size)
+        for index, ids in enumerate(texts):
+            if isinstance(ids, str):
+                continue
+            if options.prompt_name is not None:
+                raise InvalidInput("prompt_name applies to texts, not to token-id inputs", param="prompt_name")
+            if len(ids) > self.max_length:
+                raise InvalidInput(
+                    f"input {index} has {len(ids)} token ids; this model takes at most {self.max_length}", param="input"
+                )
+            if not all(0 <= token < vocabulary for token in ids):
+                raise InvalidInput(f"input {index} has a token id outside this model's vocabulary [0, {vocabulary})")
+        self.prompt(options)  # an unknown prompt name fails here, before queueing
+
+    def model_texts(self, texts: list[TextInput], options: PredictOptions) -> list[TextInput]:
+        # Token ids are the model's input as given: no prompt is put before them.
+        prompt = self.prompt(options)
+        return [prompt + text if isinstance(text, str) else text for text in texts] if prompt else texts
+
+    # --- the work ---
+
     def forward(self, model_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = self.model_output(model_inputs)
-        pooled = pool(hidden, model_inputs["attention_mask"], self.pooling)
-        return F.normalize(pooled, p=2, dim=1) if self.normalize else pooled
+        vectors = pool(hidden, model_inputs["attention_mask"], self.stack.pooling)
+        for layer in self.dense:
+            vectors = layer(vectors)
+        return F.normalize(vectors, p=2, dim=1) if self.stack.normalize else vectors
 
     def postprocess(self, batch: ForwardBatch, rows: EncodedRows, options: PredictOptions) -> TaskResult:
-        return TaskResult({"output-0": batch.outputs[rows.start : rows.stop].tolist()}, self.token_count(batch, rows))
+        vectors = batch.outputs[rows.start : rows.stop]
+        if options.dimensions is not None and options.dimensions < vectors.shape[1]:
+            vectors = vectors[:, : options.dimensions]
+            if self.stack.normalize:  # Matryoshka: a normalised model's truncated vectors are normalised again
+                vectors = F.normalize(vectors, p=2, dim=1)
+        return TaskResult({"output-0": vectors.tolist()}, self.token_count(batch, rows))
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
@@ -65,4 +119,5 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch
     if mode == "lasttoken":
         last = attention_mask.sum(dim=1) - 1
         return hidden[torch.arange(hidden.shape[0]), last]
-    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+    summed, counts = (hidden * mask).sum(dim=1), mask.sum(dim=1).clamp(min=1e-9)
+    return summed / counts.sqrt() if mode == "mean_sqrt_len_tokens" else summed / counts

@@ -1,7 +1,8 @@
 """Start the BentoML service from KServe's command line, so a KServe container command ports unchanged.
 
 `python -m huggingfaceserver --model_name=m --model_id=org/name --http_port=8080 --return_probabilities`
-becomes `bentoml serve service:HuggingFaceService --port 8080 --arg model_name=m ...`.
+becomes `bentoml serve service:HuggingFaceService --port 8080 --arg model_name=m ...`. Every flag of KServe's
+model server is accepted (README: "KServe's model-server flags"), and so are vLLM's dash-case flags.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from pathlib import Path
 from settings.arguments import ArgumentError, parse_arguments
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-# KServe server flags and what they become; None: accepted for compatibility, nothing to do.
-_SERVER_FLAGS = {"http_port": "--port", "enable_docs_url": None, "max_threads": None}
+# KServe model-server flags that become `bentoml serve` options; None: accepted with no effect here
+# (README, "KServe's model-server flags", says why for each). Every other KServe flag is a server argument.
+_SERVER_FLAGS = {"http_port": "--port", "enable_docs_url": None, "max_threads": None, "access_log_format": None}
+KSERVE_GRPC_PORT = "8081"
+_FALSE = {"false", "0", "no", "off", "f", "n"}
 
 
 def kserve_to_bentoml(argv: list[str]) -> list[str]:
@@ -41,7 +45,11 @@ def kserve_to_bentoml(argv: list[str]) -> list[str]:
                 serve_options += [_SERVER_FLAGS[name], value]
             continue
         given[name] = value
-    # Fails here, before BentoML starts, with the names of unknown or contradictory flags.
+    # KServe serves gRPC on 8081 unless --enable_grpc=false.
+    if "grpc_port" not in given and given.get("enable_grpc", "true").strip().lower() not in _FALSE:
+        given["grpc_port"] = KSERVE_GRPC_PORT
+    # Fails here, before BentoML starts, with the names of unknown or contradictory flags. Names are
+    # snake-cased first, so vLLM's dash-case flags (--max-num-seqs 8) reach the parser like any other.
     parse_arguments(given)
     command = ["serve", "service:HuggingFaceService", *serve_options]
     for name, value in given.items():

@@ -206,9 +206,12 @@ def output_tensors(result: TaskResult, specs: list[TensorSpec]) -> list[tuple[Te
     return tensors
 
 
-def select_outputs(specs: list[TensorSpec], requested: list[RequestOutput] | None) -> list[TensorSpec]:
+def select_outputs(
+    specs: list[TensorSpec], requested: list[RequestOutput] | None, extra_outputs: bool = False
+) -> list[TensorSpec]:
+    """The outputs named in `outputs`; by default KServe's own (extra tensors only with `extra_outputs`)."""
     if not requested:
-        return specs
+        return [spec for spec in specs if extra_outputs or not spec.extra]
     by_name = {spec.name: spec for spec in specs}
     unknown = [output.name for output in requested if output.name not in by_name]
     if unknown:
@@ -233,7 +236,9 @@ def infer_response(
         if (output.parameters or {}).get("binary_data", parsed.binary_output)
     }
     blobs = []
-    for spec, shape, flat in output_tensors(result, select_outputs(specs, parsed.requested_outputs)):
+    for spec, shape, flat in output_tensors(
+        result, select_outputs(specs, parsed.requested_outputs, parsed.options.extra_outputs)
+    ):
         entry: dict[str, Any] = {"name": spec.name, "datatype": spec.datatype, "shape": shape}
         if len(shape) < len(spec.shape):  # ragged: one JSON text per input
             entry["parameters"] = {"content_type": "json"}

@@ -119,7 +119,9 @@ def infer_response(
     model_name: str, parsed: v2.ParsedInfer, result: TaskResult, specs: list[TensorSpec]
 ) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(model_name=model_name, id=parsed.request_id or "")
-    for spec, shape, flat in v2.output_tensors(result, v2.select_outputs(specs, parsed.requested_outputs)):
+    for spec, shape, flat in v2.output_tensors(
+        result, v2.select_outputs(specs, parsed.requested_outputs, parsed.options.extra_outputs)
+    ):
         response.outputs.add(name=spec.name, datatype=spec.datatype, shape=shape)
         response.raw_output_contents.append(v2_binary.encode_tensor(spec.datatype, flat))
     return response
@@ -301,6 +303,8 @@ async def start_grpc_server(
     server_name: str = DEFAULT_SERVER_NAME,
     server_version: str | None = None,
     timer: StageTimer | None = None,
+    max_send_message_length: int = MAX_MESSAGE_BYTES,
+    max_receive_message_length: int = MAX_MESSAGE_BYTES,
 ) -> grpc.aio.Server:
     """Serve GRPCInferenceService on host:port in the running event loop; stop it with `await server.stop(grace)`.
 
@@ -308,8 +312,8 @@ async def start_grpc_server(
     """
     server = grpc.aio.server(
         options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", max_send_message_length),
+            ("grpc.max_receive_message_length", max_receive_message_length),
             ("grpc.so_reuseport", 1),
         ]
     )

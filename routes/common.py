@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextvars
 import gzip
 import json
+import logging
 import time
 import zlib
 from collections.abc import Awaitable, Callable
@@ -13,9 +15,10 @@ import bentoml
 import orjson
 from fastapi import Request
 from fastapi.responses import Response
+from pydantic import BaseModel
 
 from handlers.errors import InvalidInput, ModelNotFound, UnsupportedMediaType
-from handlers.requests import TaskResult
+from handlers.requests import TaskResult, TextInput
 
 if TYPE_CHECKING:
     from engines.encoder_runtime import PredictiveRuntime
@@ -39,21 +42,42 @@ _STAGE_SECONDS = {
 }
 
 
-class Timer:
-    """Observes one stage's duration in KServe's per-model histograms."""
+# Stage durations of the current request (each request runs in its own task, with its own context).
+_REQUEST_STAGES: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar("stages", default=None)
+latency_logger = logging.getLogger("hf_bentoml_server.latency")
 
-    def __init__(self, model_name: str) -> None:
+
+class Timer:
+    """Observes one stage's duration in KServe's per-model histograms; with latency logging, also logs one
+    line per request once its postprocess stage ends (KServe's enable_latency_logging)."""
+
+    def __init__(self, model_name: str, latency_logging: bool = False) -> None:
         self.model_name = model_name
+        self.latency_logging = latency_logging
 
     async def run(self, stage: str, work: Callable[[], Awaitable[TaskResult]]) -> TaskResult:
         started = time.perf_counter()
         try:
             return await work()
         finally:
-            _STAGE_SECONDS[stage].labels(model_name=self.model_name).observe(time.perf_counter() - started)
+            self.observe(stage, started)
 
     def observe(self, stage: str, started: float) -> None:
-        _STAGE_SECONDS[stage].labels(model_name=self.model_name).observe(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        _STAGE_SECONDS[stage].labels(model_name=self.model_name).observe(seconds)
+        if not self.latency_logging:
+            return
+        stages = _REQUEST_STAGES.get()
+        if stages is None or stage == "preprocess":  # a new request in this context
+            stages = {}
+            _REQUEST_STAGES.set(stages)
+        stages[stage] = seconds
+        if stage == "postprocess":
+            latency_logger.info(
+                "model=%s preprocess_ms=%.3f predict_ms=%.3f postprocess_ms=%.3f",
+                self.model_name,
+                *(1000 * stages.get(name, 0.0) for name in ("preprocess", "predict", "postprocess")),
+            )
 
 
 class ServedModel(Protocol):
@@ -72,8 +96,20 @@ def check_model_name(served: ServedModel, name: str | None) -> None:
         raise ModelNotFound(name)
 
 
-async def predict(served: ServedModel, texts: list[str], options: Any) -> TaskResult:
+async def predict(served: ServedModel, texts: list[TextInput], options: Any) -> TaskResult:
     return await served.timer.run("predict", lambda: served.runtime.predict(texts, options))
+
+
+def request_body(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI text for a route that reads its JSON body itself (to answer errors in its protocol's shape)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}
+            },
+        }
+    }
 
 
 def json_response(body: Any, status_code: int = 200) -> Response:

@@ -9,8 +9,17 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from handlers.errors import InvalidInput, ModelNotFound
+from handlers.requests import RequestOptions
 from protocols import openai_embeddings, openai_generation
-from routes.common import OPENAI_PREFIX, ServedModel, json_object, json_response, predict, require_json
+from routes.common import (
+    OPENAI_PREFIX,
+    ServedModel,
+    json_object,
+    json_response,
+    predict,
+    request_body,
+    require_json,
+)
 from settings.tasks import Task
 
 
@@ -22,7 +31,11 @@ def build_router(served: ServedModel) -> APIRouter:
     async def openai_models() -> dict[str, Any]:
         return openai_embeddings.models_response([args.model_name])
 
-    @router.post("/v1/embeddings")
+    @router.post(
+        "/v1/embeddings",
+        response_model=openai_embeddings.EmbeddingResponse,
+        openapi_extra=request_body(openai_embeddings.EmbeddingRequest),
+    )
     async def openai_embeddings_route(request: Request) -> Response:
         require_json(request)
         runtime = served.runtime
@@ -30,12 +43,13 @@ def build_router(served: ServedModel) -> APIRouter:
             raise InvalidInput(
                 f"model '{args.model_name}' serves {runtime.source.task.value}; embeddings need a text_embedding model"
             )
-        texts, embedding_request = openai_embeddings.parse_embedding_request(
-            await request.body(), runtime.source.config.hidden_size
-        )
+        inputs, embedding_request = openai_embeddings.parse_embedding_request(await request.body())
         if embedding_request.model not in (None, args.model_name):
             raise ModelNotFound(embedding_request.model)
-        result = await predict(served, texts, runtime.options_for(None))
+        options = runtime.options_for(
+            RequestOptions(dimensions=embedding_request.dimensions, prompt_name=embedding_request.prompt_name)
+        )
+        result = await predict(served, inputs, options)
         return json_response(openai_embeddings.embedding_response(embedding_request, args.model_name, result))
 
     @router.post("/v1/completions")

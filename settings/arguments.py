@@ -113,12 +113,63 @@ class ServerArguments(BaseModel):
     max_log_len: int | None = Field(None, ge=0, description="Characters of each input to log; all when unset.")
     predictor_host: str | None = Field(
         None,
-        description="host:port (or URL) of a remote Open Inference Protocol (V2 REST) predictor, e.g. Triton, that "
+        description="host:port (or URL) of a remote Open Inference Protocol (V2) predictor, e.g. Triton, that "
         "runs the forward pass; this server tokenizes and post-processes (KServe's predictor_host).",
     )
-    predictor_protocol: Literal["v2"] = Field("v2", description="Protocol of predictor_host; V2 REST.")
     tensor_input_names: str | None = Field(
         None, description="Comma-separated tokenizer outputs to send to predictor_host (all when unset)."
+    )
+    # --- KServe model-server flags (python -m huggingfaceserver; also --arg NAME=VALUE) ---
+    predictor_protocol: Literal["v1", "v2", "grpc-v2"] = Field(
+        "v2",
+        validation_alias=AliasChoices("predictor_protocol", "protocol"),
+        description="Protocol of predictor_host (alias protocol, KServe's deprecated name): v2 (REST) or grpc-v2 "
+        "(gRPC, binary tensors). v1 is accepted without predictor_host (KServe's default value) and refused with "
+        "it: a V1 predictor cannot take tokenizer tensors. Default v2 (KServe: v1).",
+    )
+    predictor_use_ssl: bool = Field(False, description="https / TLS gRPC to predictor_host when it names no scheme.")
+    predictor_request_timeout_seconds: float = Field(
+        600, gt=0, description="Timeout of one request to predictor_host, in seconds (KServe's default 600)."
+    )
+    predictor_request_retries: int = Field(
+        0,
+        ge=0,
+        description="Further attempts after a predictor request fails to connect, gets 5xx or gRPC UNAVAILABLE "
+        "(backoff 0.1 s doubling, at most 2 s). Default 0, as KServe.",
+    )
+    enable_predictor_health_check: bool = Field(
+        False,
+        description="Readiness also requires predictor_host to report the model ready (checked every 5 s).",
+    )
+    enable_grpc: bool = Field(
+        True,
+        description="Serve the gRPC service on grpc_port. python -m huggingfaceserver turns gRPC on at KServe's "
+        "8081 unless this is false; under bentoml serve gRPC runs only when grpc_port is set.",
+    )
+    grpc_max_send_message_length: int = Field(
+        64 * 1024 * 1024,
+        gt=0,
+        description="Largest gRPC message sent, in bytes (server and grpc-v2 predictor client). Default 64 MiB "
+        "(KServe: 8 MiB; embeddings of large batches exceed it).",
+    )
+    grpc_max_receive_message_length: int = Field(
+        64 * 1024 * 1024, gt=0, description="Largest gRPC message received, in bytes. Default 64 MiB (KServe: 8 MiB)."
+    )
+    max_asyncio_workers: int | None = Field(
+        None,
+        gt=0,
+        description="Threads of each worker's asyncio default executor (KServe's flag); Python's default when unset.",
+    )
+    enable_latency_logging: bool = Field(
+        False,
+        description="Log one line per V1/V2/gRPC predictive request with its preprocess, predict and postprocess "
+        "milliseconds. Off by default (KServe: on): a log line per request costs throughput on small models.",
+    )
+    configure_logging: bool = Field(
+        True, description="Apply log_config_file (KServe's flag); false leaves BentoML's logging as it is."
+    )
+    log_config_file: str | None = Field(
+        None, description="A logging dictConfig as a YAML or JSON file, applied in every worker at start."
     )
     max_batch_size: int = Field(32, gt=0, description="Most inputs the batcher puts in one forward pass.")
     max_batch_tokens: int = Field(16384, gt=0, description="Token budget of one forward pass (padded length x inputs).")
@@ -178,6 +229,10 @@ class ServerArguments(BaseModel):
     def _check_consistency(self) -> ServerArguments:
         if self.return_probabilities and self.return_raw_logits:
             raise ValueError("return_probabilities and return_raw_logits exclude each other; set one")
+        if self.predictor_host and self.predictor_protocol == "v1":
+            raise ValueError(
+                "predictor_protocol v1 cannot carry tokenizer tensors to predictor_host; use v2 or grpc-v2"
+            )
         return self
 
     @property

@@ -71,6 +71,19 @@ def apply_torch_threads(args: ServerArguments) -> None:
         torch.set_num_threads(args.torch_threads)
 
 
+def apply_log_config(path: str) -> None:
+    """KServe's log_config_file: a logging dictConfig in YAML or JSON, applied over BentoML's own set-up."""
+    import logging.config
+
+    import yaml
+
+    try:
+        config = yaml.safe_load(Path(path).read_text())  # YAML is a superset of JSON
+        logging.config.dictConfig(config)
+    except (OSError, yaml.YAMLError, ValueError, TypeError, AttributeError) as error:
+        raise ModelLoadError(f"log_config_file '{path}' cannot configure logging: {error}") from None
+
+
 def resolve_device(args: ServerArguments) -> torch.device:
     if args.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -215,7 +215,12 @@ def test_bytes_contents_and_typed_parameters_from_a_plain_stub(servers, tiny_mod
     request.parameters["return_raw_logits"].string_param = "true"  # coerced as REST coerces JSON
     request.parameters["priority"].uint64_param = 1  # a scheduling hint, not a request option
     with grpc.insecure_channel(servers["sequence_classification"]) as channel:
-        response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        default = stub.ModelInfer(request, timeout=30)  # KServe's answer: output-0 alone
+        request.parameters["extra_outputs"].bool_param = True  # the FP32 logits beside it, asked for
+        response = stub.ModelInfer(request, timeout=30)
+    assert [o.name for o in default.outputs] == ["output-0"]
+    assert default.raw_output_contents[0] == response.raw_output_contents[0]
     assert response.id == "plain" and [o.name for o in response.outputs] == ["output-0", "logits"]
     assert len(response.raw_output_contents) == 2
     elements = v2_binary.decode_bytes_elements(response.raw_output_contents[0])

@@ -90,11 +90,27 @@ def test_sequence_classification_probabilities_labels_and_logits(servers, tiny_m
     assert labels == [names[i] for i in logits.argmax(dim=-1).tolist()]
     raw = predict_v1(url, "sst", SENTENCES, return_raw_logits=True).json()["predictions"]
     assert np.allclose([[row[str(j)] for j in range(3)] for row in raw], logits.numpy(), atol=1e-4)
-    # V2 keeps KServe's str(dict) element and adds a real FP32 tensor beside it.
-    outputs = {o["name"]: o for o in infer_v2(url, "sst", SENTENCES, return_probabilities=True)["outputs"]}
-    assert outputs["output-0"]["datatype"] == "BYTES"
+    # V2 answers exactly KServe's str(dict) elements by default ...
+    default = infer_v2(url, "sst", SENTENCES, return_probabilities=True)["outputs"]
+    assert [(o["name"], o["datatype"], o["shape"]) for o in default] == [("output-0", "BYTES", [3])]
+    # ... and adds a real FP32 tensor beside them when asked, by parameter or by naming it in `outputs`.
+    outputs = {
+        o["name"]: o for o in infer_v2(url, "sst", SENTENCES, return_probabilities=True, extra_outputs=True)["outputs"]
+    }
+    assert list(outputs) == ["output-0", "probabilities"] and outputs["output-0"] == default[0]
     assert outputs["probabilities"]["shape"] == [3, 3]
     assert np.allclose(np.reshape(outputs["probabilities"]["data"], (3, 3)), probabilities.numpy(), atol=1e-5)
+    named = httpx.post(
+        f"{url}/v2/models/sst/infer",
+        json={
+            "inputs": [{"name": "input-0", "datatype": "BYTES", "shape": [3], "data": SENTENCES}],
+            "parameters": {"return_raw_logits": True},
+            "outputs": [{"name": "output-0"}, {"name": "logits"}],
+        },
+        timeout=60,
+    ).json()["outputs"]
+    assert [o["name"] for o in named] == ["output-0", "logits"]
+    assert np.allclose(np.reshape(named[1]["data"], (3, 3)), logits.numpy(), atol=1e-4)
 
 
 # --- token classification ---
@@ -289,16 +305,17 @@ def test_fill_mask_without_mask_and_openai_errors(servers):
     response = predict_v1(servers["fill_mask"], "bert", ["no mask here"])
     assert response.status_code == 400 and "[MASK]" in response.json()["error"]
     url = servers["text_embedding"]
-    response = httpx.post(url + "/openai/v1/embeddings", json={"input": [[1, 2, 3]]})
-    assert response.status_code == 400 and "token ids" in response.json()["error"]["message"]
-    response = httpx.post(url + "/openai/v1/embeddings", json={"input": "x", "dimensions": 8})
+    response = httpx.post(url + "/openai/v1/embeddings", json={"input": [[101, 10**7, 102]]})
+    assert response.status_code == 400 and "outside this model's vocabulary" in response.json()["error"]["message"]
+    response = httpx.post(url + "/openai/v1/embeddings", json={"input": "x", "dimensions": 385})
     assert response.status_code == 400 and response.json()["error"]["param"] == "dimensions"
 
 
-def test_long_input_is_truncated_as_kserve(servers):
+def test_long_input_is_truncated_at_the_folders_max_seq_length(servers):
+    # Silently, as KServe; at sentence_bert_config.json's max_seq_length (256), as SentenceTransformer.encode.
     long_text = " ".join(["paris"] * 2000)
     got = np.array(predict_v1(servers["text_embedding"], "minilm", [long_text]).json()["predictions"][0])
-    expected = reference.mean_pooled_embeddings(MINILM, [long_text], max_length=512).numpy()[0]
+    expected = reference.mean_pooled_embeddings(MINILM, [long_text], max_length=256).numpy()[0]
     assert np.allclose(got, expected, atol=1e-5)
 
 

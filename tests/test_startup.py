@@ -17,7 +17,7 @@ from handlers.errors import NotReady
 from handlers.requests import PredictOptions
 from huggingfaceserver.__main__ import kserve_to_bentoml
 from settings.arguments import parse_arguments
-from tests.server_process import BENTOML, PROJECT_DIR, ServerProcess
+from tests.server_process import BENTOML, PROJECT_DIR, ServerProcess, free_port
 
 
 def run_to_exit(command: list[str]) -> subprocess.CompletedProcess[str]:
@@ -46,6 +46,7 @@ def test_kserve_flags_translate_to_bentoml_serve():
     assert command == [
         "serve", "service:HuggingFaceService", "--port", "8080",
         "--arg", "model_name=m", "--arg", "return_probabilities=true", "--arg", "max_length=64",
+        "--arg", "grpc_port=8081",  # KServe serves gRPC on 8081 unless --enable_grpc=false
     ]  # fmt: skip
 
 
@@ -54,6 +55,7 @@ def test_kserve_command_line_arg_file_and_environment_serve(tiny_models, tmp_pat
     arg_file = tmp_path / "sst.yaml"
     arg_file.write_text(yaml.safe_dump({"model_dir": model, "model_name": "from-file"}))
     kserve_command = [sys.executable, "-m", "huggingfaceserver", "--model_name=from-kserve", f"--model_dir={model}"]
+    kserve_command.append(f"--grpc_port={free_port()}")  # not KServe's 8081, which other servers here may hold
     servers = {
         "from-kserve": ServerProcess({}, tmp_path / "kserve.log", command=kserve_command),
         "from-file": ServerProcess({}, tmp_path / "file.log", serve_options=["--arg-file", str(arg_file)]),
