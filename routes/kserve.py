@@ -95,7 +95,9 @@ def build_router(served: ServedModel) -> APIRouter:
         if kind != v2_binary.CONTENT_TYPE and header_length is None:
             require_json(request)
         started = time.perf_counter()
-        body = decompress(await request.body(), request.headers.get("content-encoding", ""))
+        body = decompress(
+            await request.body(), request.headers.get("content-encoding", ""), args.max_decompressed_bytes
+        )
         parsed = v2.parse_infer_request(body, kind, header_length)
         options = served.runtime.options_for(parsed.options)
         specs = served.runtime.handler.output_specs(options)
