@@ -25,6 +25,7 @@ from routes import openai as openai_routes
 from routes.common import Timer
 from routes.errors import install_error_handlers
 from routes.guard import Lifecycle, RequestGuard
+from routes.openapi import install_openapi
 from settings.arguments import ArgumentError, ServerArguments, parse_arguments
 from settings.loading import ModelLoadError, ModelSource, apply_torch_threads, inspect_model
 from settings.model_store import stored_model_path
@@ -73,6 +74,7 @@ app = FastAPI(title="Hugging Face model server", version=SERVER_VERSION)
 
 # Every error on every route in its protocol's shape with a request id; limits, API key and draining first.
 install_error_handlers(app, ARGS.retry_after_s, ARGS.max_log_len)
+install_openapi(app)
 LIFECYCLE = Lifecycle()
 app.add_middleware(
     RequestGuard,

@@ -28,6 +28,36 @@ class EmbeddingRequest(BaseModel):
     user: str | None = None
 
 
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(description="floats, or little-endian float32 bytes in base64")
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
 def parse_embedding_request(body: bytes, hidden_size: int) -> tuple[list[str], EmbeddingRequest]:
     try:
         request = EmbeddingRequest.model_validate_json(body)
