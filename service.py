@@ -14,20 +14,21 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import bentoml
-from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi import FastAPI
 
 from engines.encoder_runtime import PredictiveRuntime
 from engines.generation.backend import GenerationBackend
 from engines.generation.select import build_generation_backend, vllm_unavailable_reason
-from handlers.errors import ServingError
 from protocols import v2_grpc
-from protocols.errors import kserve_error_body, openai_error_body
 from protocols.kserve_generation import GenerativeRuntime
+from routes import fallback as fallback_routes
 from routes import kserve as kserve_routes
 from routes import openai as openai_routes
 from routes.cancellation import CancelOnDisconnect
-from routes.common import OPENAI_PREFIX, Timer, json_response
+from routes.common import Timer
+from routes.errors import install_error_handlers
+from routes.guard import Lifecycle, RequestGuard
+from routes.openapi import install_openapi
 from settings.arguments import ArgumentError, ServerArguments, parse_arguments
 from settings.loading import ModelLoadError, ModelSource, apply_log_config, apply_torch_threads, inspect_model
 from settings.model_store import stored_model_path
@@ -77,13 +78,18 @@ app = FastAPI(title="Hugging Face model server", version=SERVER_VERSION)
 app.add_middleware(CancelOnDisconnect)  # a client that leaves cancels its handler, on every route
 
 
-@app.exception_handler(ServingError)
-async def _serving_error(request: Request, error: ServingError) -> Response:
-    openai_route = request.url.path.startswith(OPENAI_PREFIX)
-    body = openai_error_body(error) if openai_route else kserve_error_body(error)
-    if error.status_code >= 500:
-        logger.warning("%s %s -> %d: %s", request.method, request.url.path, error.status_code, error.message)
-    return json_response(body, status_code=error.status_code)
+# Every error on every route in its protocol's shape with a request id; limits, API key and draining first.
+install_error_handlers(app, ARGS.retry_after_s, ARGS.max_log_len)
+install_openapi(app)
+LIFECYCLE = Lifecycle()
+app.add_middleware(
+    RequestGuard,
+    api_key=ARGS.api_key.get_secret_value() if ARGS.api_key else None,
+    max_request_bytes=ARGS.max_request_bytes,
+    retry_after_s=ARGS.retry_after_s,
+    max_log_len=ARGS.max_log_len,
+    state=LIFECYCLE,
+)
 
 
 def _resources() -> dict[str, Any]:
@@ -128,7 +134,7 @@ class HuggingFaceService:  # routes are mounted per instance in __init__
         self.server_name, self.server_version = SERVER_NAME, SERVER_VERSION
         # Routers close over this instance: no per-request dependency has to find the service (BentoML's
         # class views resolve one in a thread pool for every request, a measurable share of a small request).
-        for build_router in (kserve_routes.build_router, openai_routes.build_router):
+        for build_router in (kserve_routes.build_router, openai_routes.build_router, fallback_routes.build_router):
             app.include_router(build_router(self))
 
     @bentoml.on_startup
@@ -147,7 +153,10 @@ class HuggingFaceService:  # routes are mounted per instance in __init__
                 server_version=SERVER_VERSION,
                 timer=self.timer,
                 max_send_message_length=self.args.grpc_max_send_message_length,
-                max_receive_message_length=self.args.grpc_max_receive_message_length,
+                # KServe's flag, within the body limit every protocol shares.
+                max_receive_message_length=min(self.args.grpc_max_receive_message_length, self.args.max_request_bytes),
+                api_key=self.args.api_key.get_secret_value() if self.args.api_key else None,
+                retry_after_s=self.args.retry_after_s,
             )
 
     @bentoml.on_shutdown

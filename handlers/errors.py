@@ -38,6 +38,20 @@ class ModelNotFound(ServingError):
         super().__init__(f"Model with name {name} does not exist.")
 
 
+class Unauthorized(ServingError):
+    """No or a wrong API key (`api_key`)."""
+
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class PayloadTooLarge(ServingError):
+    """The request body (or its decompressed size) is over a limit; the message names the limit."""
+
+    status_code = 413
+    error_type = "invalid_request_error"
+
+
 class UnsupportedMediaType(ServingError):
     status_code = 415
     error_type = "invalid_request_error"

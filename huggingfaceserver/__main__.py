@@ -57,13 +57,30 @@ def kserve_to_bentoml(argv: list[str]) -> list[str]:
     return command
 
 
+def secret_arguments(command: list[str]) -> tuple[list[str], dict[str, str]]:
+    """`--arg api_key=...` moved into the environment (HF_SERVE_API_KEY), so the key stays out of the
+    `bentoml serve` command line that `ps` shows for the server's lifetime."""
+    kept: list[str] = []
+    env: dict[str, str] = {}
+    index = 0
+    while index < len(command):
+        if command[index] == "--arg" and command[index + 1].startswith("api_key="):
+            env["HF_SERVE_API_KEY"] = command[index + 1].partition("=")[2]
+            index += 2
+            continue
+        kept.append(command[index])
+        index += 1
+    return kept, env
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         command = kserve_to_bentoml(sys.argv[1:] if argv is None else argv)
     except ArgumentError as error:
         sys.exit(f"huggingfaceserver: {error}")
+    command, secrets = secret_arguments(command)
     os.chdir(PROJECT_DIR)
-    os.execv(sys.executable, [sys.executable, "-m", "bentoml", *command])
+    os.execve(sys.executable, [sys.executable, "-m", "bentoml", *command], {**os.environ, **secrets})
 
 
 if __name__ == "__main__":

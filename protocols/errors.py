@@ -4,9 +4,30 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from handlers.errors import InvalidInput, ServingError
+
+
+class KServeErrorBody(BaseModel):
+    """The error body on KServe's V1/V2 routes and the root."""
+
+    error: str = Field(description="What went wrong, naming the field or limit")
+    request_id: str = Field(description="The request's id, as in the x-request-id response header")
+
+
+class OpenAIError(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int = Field(description="The HTTP status")
+
+
+class OpenAIErrorBody(BaseModel):
+    """The error body under /openai, which the openai client turns into typed exceptions."""
+
+    error: OpenAIError
+    request_id: str
 
 
 def describe_validation_error(error: ValidationError) -> str:

@@ -62,6 +62,18 @@ class EmbeddingResponse(BaseModel):
     usage: EmbeddingUsage
 
 
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
 def parse_embedding_request(body: bytes) -> tuple[list[TextInput], EmbeddingRequest]:
     """The request and its inputs: texts, or lists of token ids."""
     try:

@@ -21,6 +21,27 @@ class V1PredictRequest(BaseModel):
     parameters: RequestOptions | None = Field(None, description="Per-request options (not in KServe).")
 
 
+class V1PredictResponse(BaseModel):
+    """One prediction per input: a class index, label, token ids, vector or text, by task and options."""
+
+    predictions: list[Any]
+
+
+class V1ModelsResponse(BaseModel):
+    models: list[str]
+
+
+class V1ModelStatus(BaseModel):
+    name: str
+    ready: bool
+
+
+class RootResponse(BaseModel):
+    """KServe's liveness answer on GET /."""
+
+    status: str = Field(examples=["alive"])
+
+
 def parse_predict_request(body: bytes) -> tuple[list[str], RequestOptions | None]:
     try:
         request = V1PredictRequest.model_validate_json(body)

@@ -14,8 +14,11 @@ Requests reuse the REST V2 translation (protocols/v2.py): one BYTES input of tex
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any, Protocol
@@ -45,8 +48,14 @@ IMPLEMENTED = frozenset(
     {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer", "ModelStreamInfer"}
 )
 
+# Methods open without the API key: liveness and readiness, as the REST health routes.
+OPEN_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._~:+=/-]{1,128}")
+
 _STATUS_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     404: grpc.StatusCode.NOT_FOUND,
     415: grpc.StatusCode.INVALID_ARGUMENT,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -144,11 +153,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         server_name: str = DEFAULT_SERVER_NAME,
         server_version: str | None = None,
         timer: StageTimer | None = None,
+        retry_after_s: int = 1,
     ) -> None:
         self.runtime = runtime
         self.server_name = server_name
         self.server_version = server_version or _package_version(server_name)
         self.timer = timer
+        self.retry_after_s = retry_after_s
 
     @property
     def model_name(self) -> str:
@@ -159,16 +170,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise ModelNotFound(name)
 
     async def _answer(self, context: grpc.aio.ServicerContext, method: str, work: Callable[[], Awaitable[Any]]) -> Any:
-        """Run `work`; a ServingError ends the call with its status and message as details."""
+        """Run `work`; an error ends the call with its status, a message naming the request id, and trailing
+        metadata `x-request-id` (plus `retry-after` seconds on RESOURCE_EXHAUSTED and UNAVAILABLE)."""
         try:
             return await work()
         except ServingError as error:
+            request_id = request_id_of(context)
             if error.status_code >= 500:
-                logger.warning("gRPC %s -> %d: %s", method, error.status_code, error.message)
-            await context.abort(grpc_status(error.status_code), error.message)
-        except Exception as error:  # a bug; the client still gets a status instead of a bare failure
-            logger.exception("gRPC %s failed", method)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+                logger.warning("gRPC %s -> %d [%s]: %s", method, error.status_code, request_id, error.message[:500])
+            trailing = [("x-request-id", request_id)]
+            if error.status_code in (429, 503):
+                trailing.append(("retry-after", str(self.retry_after_s)))
+            await context.abort(
+                grpc_status(error.status_code), f"{error.message} (request id {request_id})", tuple(trailing)
+            )
+        except Exception:  # a bug; the client still gets a status instead of a bare failure
+            request_id = request_id_of(context)
+            logger.exception("gRPC %s [%s] failed", method, request_id)
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"internal server error; the server log has the details under request id {request_id}",
+                (("x-request-id", request_id),),
+            )
 
     # --- health and metadata ---
 
@@ -239,9 +262,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 response = pb.ModelStreamInferResponse(infer_response=await self._infer(request))
             except ServingError as error:
                 response = _stream_error(request, error.message)
-            except Exception as error:
-                logger.exception("gRPC ModelStreamInfer request failed")
-                response = _stream_error(request, f"{type(error).__name__}: {error}")
+            except Exception:
+                request_id = request_id_of(context)
+                logger.exception("gRPC ModelStreamInfer request [%s] failed", request_id)
+                response = _stream_error(request, f"internal server error; see the server log, request id {request_id}")
             responses.put_nowait(response)
 
         async def read() -> None:
@@ -264,6 +288,47 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
             for task in list(pending):
                 task.cancel()
+
+
+def request_id_of(context: grpc.aio.ServicerContext) -> str:
+    """The client's `x-request-id` metadata when it is short and plain, else a new id."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
+            return value
+    return uuid.uuid4().hex
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """`authorization: Bearer <key>` metadata on every method but liveness and readiness (constant-time)."""
+
+    def __init__(self, api_key: str) -> None:
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or details.method.rsplit("/", 1)[-1] in OPEN_METHODS:
+            return handler
+        given = next((value for key, value in details.invocation_metadata or () if key == "authorization"), "")
+        given_bytes = given.encode() if isinstance(given, str) else given
+        if hmac.compare_digest(given_bytes, self.expected):
+            return handler
+        message = "the API key is not valid" if given else "this server needs 'authorization: Bearer <key>' metadata"
+
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        kinds = (
+            (handler.unary_unary, grpc.unary_unary_rpc_method_handler),
+            (handler.unary_stream, grpc.unary_stream_rpc_method_handler),
+            (handler.stream_unary, grpc.stream_unary_rpc_method_handler),
+            (handler.stream_stream, grpc.stream_stream_rpc_method_handler),
+        )
+        make = next(factory for behaviour, factory in kinds if behaviour is not None)
+        return make(
+            refuse,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
 def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
@@ -305,19 +370,25 @@ async def start_grpc_server(
     timer: StageTimer | None = None,
     max_send_message_length: int = MAX_MESSAGE_BYTES,
     max_receive_message_length: int = MAX_MESSAGE_BYTES,
+    api_key: str | None = None,
+    retry_after_s: int = 1,
 ) -> grpc.aio.Server:
     """Serve GRPCInferenceService on host:port in the running event loop; stop it with `await server.stop(grace)`.
 
     grpc sets SO_REUSEPORT by default, so every BentoML worker process may bind the same port.
     """
     server = grpc.aio.server(
+        interceptors=[ApiKeyInterceptor(api_key)] if api_key else None,
         options=[
             ("grpc.max_send_message_length", max_send_message_length),
+            # A larger message is refused by grpc itself with RESOURCE_EXHAUSTED before it is read into memory.
             ("grpc.max_receive_message_length", max_receive_message_length),
             ("grpc.so_reuseport", 1),
-        ]
+        ],
     )
-    servicer = InferenceServicer(runtime, server_name=server_name, server_version=server_version, timer=timer)
+    servicer = InferenceServicer(
+        runtime, server_name=server_name, server_version=server_version, timer=timer, retry_after_s=retry_after_s
+    )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     bound = server.add_insecure_port(_address(host, port))
     if bound == 0:  # older grpc versions report a failed bind this way instead of raising

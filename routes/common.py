@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextvars
-import gzip
 import json
 import logging
 import time
@@ -15,9 +14,8 @@ import bentoml
 import orjson
 from fastapi import Request
 from fastapi.responses import Response
-from pydantic import BaseModel
 
-from handlers.errors import InvalidInput, ModelNotFound, UnsupportedMediaType
+from handlers.errors import InvalidInput, ModelNotFound, PayloadTooLarge, UnsupportedMediaType
 from handlers.requests import TaskResult, TextInput
 
 if TYPE_CHECKING:
@@ -100,18 +98,6 @@ async def predict(served: ServedModel, texts: list[TextInput], options: Any) -> 
     return await served.timer.run("predict", lambda: served.runtime.predict(texts, options))
 
 
-def request_body(model: type[BaseModel]) -> dict[str, Any]:
-    """OpenAPI text for a route that reads its JSON body itself (to answer errors in its protocol's shape)."""
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}
-            },
-        }
-    }
-
-
 def json_response(body: Any, status_code: int = 200) -> Response:
     """orjson: several times faster than the standard library on embedding-sized float lists."""
     return Response(orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS), status_code, media_type="application/json")
@@ -127,18 +113,35 @@ def require_json(request: Request) -> None:
         raise UnsupportedMediaType(f"Content-Type '{kind}' is not supported here; send application/json")
 
 
-def decompress(body: bytes, encoding: str) -> bytes:
-    """tritonclient may compress request bodies (request_compression_algorithm)."""
-    try:
-        if encoding == "gzip":
-            return gzip.decompress(body)
-        if encoding == "deflate":
-            return zlib.decompress(body)
-    except (OSError, zlib.error) as error:
-        raise InvalidInput(f"the body is not valid {encoding} data: {error}") from None
-    if encoding not in ("", "identity"):
+def decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """A gzip or deflate body (tritonclient's request_compression_algorithm), decompressed incrementally:
+    past `limit` bytes (max_decompressed_bytes) it stops with a 413, so a small bomb cannot fill memory."""
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
         raise UnsupportedMediaType(f"Content-Encoding '{encoding}' is not supported; use gzip, deflate or none")
-    return body
+    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
+    parts: list[bytes] = []
+    size = 0
+    remaining = body
+    try:
+        while remaining:  # gzip allows several members one after another
+            inflater = zlib.decompressobj(wbits)
+            chunk = inflater.decompress(remaining, limit - size + 1)
+            while True:
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"the {encoding} body decompresses to over max_decompressed_bytes={limit}")
+                parts.append(chunk)
+                if not inflater.unconsumed_tail:
+                    break
+                chunk = inflater.decompress(inflater.unconsumed_tail, limit - size + 1)
+            if not inflater.eof:
+                raise InvalidInput(f"the body is not valid {encoding} data: it ends early")
+            remaining = inflater.unused_data if encoding == "gzip" else b""
+    except zlib.error as error:
+        raise InvalidInput(f"the body is not valid {encoding} data: {error}") from None
+    return b"".join(parts)
 
 
 def json_object(body: bytes) -> dict[str, Any]:

@@ -19,30 +19,36 @@ from routes.common import (
     predict,
     require_json,
 )
+from routes.openapi import errors, request_body
 
 
 def build_router(served: ServedModel) -> APIRouter:
     router = APIRouter()
     args, timer = served.args, served.timer
 
-    @router.get("/")
+    @router.get("/", response_model=v1.RootResponse)
     async def root() -> dict[str, str]:
         return {"status": "alive"}
 
     # --- V1 ---
 
-    @router.get("/v1/models")
+    @router.get("/v1/models", response_model=v1.V1ModelsResponse, responses=errors("kserve", 401))
     async def v1_models() -> dict[str, Any]:
         return v1.models_response([args.model_name])
 
-    @router.get("/v1/models/{name}")
+    @router.get("/v1/models/{name}", response_model=v1.V1ModelStatus, responses=errors("kserve", 404, 503))
     async def v1_model_status(name: str) -> Response:
         check_model_name(served, name)
         if not served.runtime.ready:
             raise served.runtime.not_ready_error()
         return json_response(v1.model_status_response(name, True))
 
-    @router.post("/v1/models/{name}:predict")
+    @router.post(
+        "/v1/models/{name}:predict",
+        response_model=v1.V1PredictResponse,
+        responses=errors("kserve"),
+        openapi_extra=request_body(v1.V1PredictRequest),
+    )
     async def v1_predict(name: str, request: Request) -> Response:
         check_model_name(served, name)
         require_json(request)
@@ -58,36 +64,49 @@ def build_router(served: ServedModel) -> APIRouter:
 
     # --- Open Inference Protocol (V2) ---
 
-    @router.get("/v2")
+    @router.get("/v2", response_model=v2.ServerMetadataResponse, responses=errors("kserve", 401))
     async def v2_server_metadata() -> dict[str, Any]:
         return v2.server_metadata(served.server_name, served.server_version)
 
-    @router.get("/v2/health/live")
+    @router.get("/v2/health/live", response_model=v2.LiveResponse)
     async def v2_live() -> dict[str, bool]:
         return {"live": True}
 
-    @router.get("/v2/health/ready")
+    @router.get("/v2/health/ready", response_model=v2.ReadyResponse, responses={503: {"model": v2.ReadyResponse}})
     async def v2_ready() -> Response:
         ready = served.runtime.ready
         return json_response({"ready": ready}, status_code=200 if ready else 503)
 
-    @router.get("/v2/models/{name}")
-    @router.get("/v2/models/{name}/versions/{model_version}")
+    metadata = {"response_model": v2.ModelMetadataResponse, "responses": errors("kserve", 401, 404)}
+
+    @router.get("/v2/models/{name}", **metadata)
+    @router.get("/v2/models/{name}/versions/{model_version}", **metadata)
     async def v2_model_metadata(name: str, model_version: str | None = None) -> dict[str, Any]:
         check_model_name(served, name)
         handler = served.runtime.handler
         options = PredictOptions.merge(args, None)
         return v2.model_metadata(name, "huggingface", handler.input_specs(), handler.output_specs(options))
 
-    @router.get("/v2/models/{name}/ready")
-    @router.get("/v2/models/{name}/versions/{model_version}/ready")
+    ready = {
+        "response_model": v2.ModelReadyResponse,
+        "responses": {**errors("kserve", 404), 503: {"model": v2.ModelReadyResponse}},
+    }
+
+    @router.get("/v2/models/{name}/ready", **ready)
+    @router.get("/v2/models/{name}/versions/{model_version}/ready", **ready)
     async def v2_model_ready(name: str, model_version: str | None = None) -> Response:
         check_model_name(served, name)
         ready = served.runtime.ready
         return json_response({"name": name, "ready": ready}, status_code=200 if ready else 503)
 
-    @router.post("/v2/models/{name}/infer")
-    @router.post("/v2/models/{name}/versions/{model_version}/infer")
+    infer = {
+        "response_model": v2.InferenceResponse,
+        "responses": {200: {"content": {v2_binary.CONTENT_TYPE: {}}}, **errors("kserve")},
+        "openapi_extra": request_body(v2.InferenceRequest, v2_binary.CONTENT_TYPE),
+    }
+
+    @router.post("/v2/models/{name}/infer", **infer)
+    @router.post("/v2/models/{name}/versions/{model_version}/infer", **infer)
     async def v2_infer(name: str, request: Request, model_version: str | None = None) -> Response:
         check_model_name(served, name)
         kind = content_type(request)
@@ -95,7 +114,9 @@ def build_router(served: ServedModel) -> APIRouter:
         if kind != v2_binary.CONTENT_TYPE and header_length is None:
             require_json(request)
         started = time.perf_counter()
-        body = decompress(await request.body(), request.headers.get("content-encoding", ""))
+        body = decompress(
+            await request.body(), request.headers.get("content-encoding", ""), args.max_decompressed_bytes
+        )
         parsed = v2.parse_infer_request(body, kind, header_length)
         options = served.runtime.options_for(parsed.options)
         specs = served.runtime.handler.output_specs(options)

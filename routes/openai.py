@@ -11,15 +11,8 @@ from fastapi.responses import Response, StreamingResponse
 from handlers.errors import InvalidInput, ModelNotFound
 from handlers.requests import RequestOptions
 from protocols import openai_embeddings, openai_generation
-from routes.common import (
-    OPENAI_PREFIX,
-    ServedModel,
-    json_object,
-    json_response,
-    predict,
-    request_body,
-    require_json,
-)
+from routes.common import OPENAI_PREFIX, ServedModel, json_object, json_response, predict, require_json
+from routes.openapi import errors, request_body
 from settings.tasks import Task
 
 
@@ -27,13 +20,14 @@ def build_router(served: ServedModel) -> APIRouter:
     router = APIRouter(prefix=OPENAI_PREFIX)
     args = served.args
 
-    @router.get("/v1/models")
+    @router.get("/v1/models", response_model=openai_embeddings.ModelList, responses=errors("openai", 401))
     async def openai_models() -> dict[str, Any]:
         return openai_embeddings.models_response([args.model_name])
 
     @router.post(
         "/v1/embeddings",
         response_model=openai_embeddings.EmbeddingResponse,
+        responses=errors("openai"),
         openapi_extra=request_body(openai_embeddings.EmbeddingRequest),
     )
     async def openai_embeddings_route(request: Request) -> Response:
@@ -52,11 +46,11 @@ def build_router(served: ServedModel) -> APIRouter:
         result = await predict(served, inputs, options)
         return json_response(openai_embeddings.embedding_response(embedding_request, args.model_name, result))
 
-    @router.post("/v1/completions")
+    @router.post("/v1/completions", responses=errors("openai"))
     async def openai_completions(request: Request) -> Response:
         return await _generate(request, openai_generation.create_completion)
 
-    @router.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions", responses=errors("openai"))
     async def openai_chat_completions(request: Request) -> Response:
         return await _generate(request, openai_generation.create_chat_completion)
 

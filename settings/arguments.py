@@ -23,6 +23,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     model_validator,
 )
@@ -219,6 +220,27 @@ class ServerArguments(BaseModel):
     gpu_type: str | None = Field(
         None,
         description="GPU kind for BentoML resources and BentoCloud scheduling (e.g. nvidia-l4); any kind when unset.",
+    )
+    # --- Limits and security: what a careless or hostile client can ask of the HTTP and gRPC layer ---
+    api_key: SecretStr | None = Field(
+        None,
+        description="When set, every model route needs `Authorization: Bearer <key>` (gRPC: `authorization` "
+        "metadata), as `vllm serve --api-key`; health, readiness and metrics stay open. Also HF_SERVE_API_KEY.",
+    )
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024,
+        gt=0,
+        description="Largest request body in bytes, as sent (413 beyond; gRPC: largest message). Default 4 MiB: "
+        "twice TEI's 2 MB payload_limit, room for a long-context chat in JSON.",
+    )
+    max_decompressed_bytes: int = Field(
+        4 * 1024 * 1024,
+        gt=0,
+        description="Largest gzip/deflate request body once decompressed (413 beyond); decompression stops at "
+        "the limit, so a compression bomb costs at most this much memory. Default 4 MiB, as max_request_bytes.",
+    )
+    retry_after_s: int = Field(
+        1, ge=0, description="Seconds in the Retry-After header of 429 (queue full) and 503 (loading, stopping)."
     )
     engine_args: dict[str, Any] = Field(
         default_factory=dict,

@@ -1,0 +1,171 @@
+"""The request lifecycle every HTTP route passes through, as one pure ASGI middleware.
+
+In order, for each request: a request id (the client's `X-Request-ID` when it is short and plain, else a
+new one), echoed in the `x-request-id` response header and in every error body; 503 while the server
+stops; the API key (`Authorization: Bearer <key>`, compared in constant time) on every route but health,
+readiness and docs; the body size, from Content-Length before any byte is read and counted as a chunked
+body streams in. An exception no handler knew is logged once with its traceback and answered with a 500
+in the protocol's shape, and never reaches uvicorn, so the keep-alive connection stays usable.
+
+A pure ASGI middleware rather than Starlette's BaseHTTPMiddleware, which runs every request through an
+extra task and memory streams (a large share of a small request's cost) and buffers streamed responses.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from handlers.errors import InvalidInput, NotReady, PayloadTooLarge, ServingError, Unauthorized
+from routes.common import json_response
+from routes.errors import REQUEST_ID_HEADER, clip, error_body, error_headers
+
+logger = logging.getLogger("hf_bentoml_server")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._~:+=/-]{1,128}")
+# GET routes open without the API key: liveness, readiness (whole server and per model) and the API docs.
+_OPEN_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+_OPEN_PATTERNS = re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/ready|/v1/models/[^/:]+")
+
+
+def is_open_route(method: str, path: str) -> bool:
+    """Whether a route answers without the API key: GET health, readiness and docs only."""
+    if method not in ("GET", "HEAD"):
+        return False
+    return path in _OPEN_PATHS or _OPEN_PATTERNS.fullmatch(path) is not None
+
+
+class RequestGuard:
+    """Request id, API key, body limit, draining and the last-resort 500, for every HTTP request."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        api_key: str | None,
+        max_request_bytes: int,
+        retry_after_s: int,
+        max_log_len: int | None,
+        state: Any = None,
+    ) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.max_request_bytes = max_request_bytes
+        self.retry_after_s = retry_after_s
+        self.max_log_len = max_log_len
+        # Anything with a `draining` attribute (the service): True once the server is stopping.
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = b""
+        content_length = b""
+        authorization = b""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                request_id = value
+            elif name == b"content-length":
+                content_length = value
+            elif name == b"authorization":
+                authorization = value
+        if not _REQUEST_ID.fullmatch(request_id):
+            request_id = uuid.uuid4().hex.encode()
+        scope.setdefault("state", {})["request_id"] = request_id.decode()
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = [*message.get("headers", ()), (REQUEST_ID_HEADER.encode(), request_id)]
+                if message["status"] == 413:  # the rest of the body was never read: do not reuse the connection
+                    headers.append((b"connection", b"close"))
+                message["headers"] = headers
+            await send(message)
+
+        refusal = self._refusal(scope, content_length, authorization)
+        if refusal is not None:
+            await self._answer(scope, send_with_id, refusal)
+            return
+        limit, received = self.max_request_bytes, 0
+
+        async def counted_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise PayloadTooLarge(f"the request body is over max_request_bytes={limit} bytes")
+            return message
+
+        try:
+            await self.app(scope, counted_receive, send_with_id)
+        except Exception as error:  # a bug: log it once here, answer in the protocol's shape, keep the connection
+            self._log_exception(scope, error)
+            if not started:
+                failure = ServingError(
+                    f"internal server error; the server log has the details under request id {request_id.decode()}"
+                )
+                await self._answer(scope, send_with_id, failure)
+
+    def _refusal(self, scope: Scope, content_length: bytes, authorization: bytes) -> ServingError | None:
+        if self.state is not None and getattr(self.state, "draining", False):
+            return NotReady("the server is shutting down; retry on another replica")
+        if self.expected is not None and not is_open_route(scope["method"], scope["path"]):
+            if not authorization:
+                return Unauthorized("this server needs an API key: send the header 'Authorization: Bearer <key>'")
+            if not hmac.compare_digest(authorization, self.expected):
+                return Unauthorized("the API key is not valid")
+        if content_length:
+            try:
+                length = int(content_length)
+            except ValueError:
+                return InvalidInput("the Content-Length header is not a number")
+            if length > self.max_request_bytes:
+                return PayloadTooLarge(
+                    f"the request body of {length} bytes is over max_request_bytes={self.max_request_bytes}"
+                )
+        return None
+
+    async def _answer(self, scope: Scope, send: Send, error: ServingError) -> None:
+        path = scope["path"]
+        body = error_body(path, error, scope["state"]["request_id"])
+        response = json_response(body, status_code=error.status_code)
+        response.headers.update(error_headers(error, self.retry_after_s))
+
+        async def no_body() -> Message:  # the answer never reads the request
+            return {"type": "http.disconnect"}
+
+        await response(scope, no_body, send)
+
+    def _log_exception(self, scope: Scope, error: Exception) -> None:
+        """The traceback, once; each part clipped to max_log_len, since an exception may quote the input."""
+        parts = traceback.format_exception(type(error), error, error.__traceback__)
+        limit = max(self.max_log_len or 0, 2000)
+        logger.error(
+            "%s %s [%s] failed:\n%s",
+            scope["method"],
+            clip(scope["path"], 200),
+            scope["state"]["request_id"],
+            "".join(clip(part, limit) for part in parts),
+        )
+
+
+class Lifecycle:
+    """What the guard reads of the server's state: `draining` turns True once the server is stopping."""
+
+    def __init__(self) -> None:
+        self.draining = False
