@@ -48,6 +48,7 @@ class DenseLayer:
 @dataclass(frozen=True)
 class SentenceStack:
     pooling: str = "mean"
+    include_prompt: bool = True  # False: prompt tokens are left out of the pooling (INSTRUCTOR-style models)
     dense: list[DenseLayer] = field(default_factory=list)
     normalize: bool = True
     max_seq_length: int | None = None
@@ -75,13 +76,14 @@ def read_stack(folder: Path) -> SentenceStack:
         if not pooling_config:
             return KSERVE_DEFAULT
         return SentenceStack(pooling=_pooling_mode(pooling_config, folder), normalize=False)
-    pooling, dense, normalize = "mean", [], False
+    pooling, include_prompt, dense, normalize = "mean", True, [], False
     for module in json.loads(modules_file.read_text()):
         kind, module_folder = _kind(module.get("type", "")), folder / module.get("path", "")
         if kind == "Transformer":
             continue
         if kind == "Pooling":
-            pooling = _pooling_mode(_json(module_folder / "config.json"), folder)
+            pooling_config = _json(module_folder / "config.json")
+            pooling, include_prompt = _pooling_mode(pooling_config, folder), pooling_config.get("include_prompt", True)
         elif kind == "Dense":
             dense.append(_dense_layer(module_folder))
         elif kind == "Normalize":
@@ -96,7 +98,9 @@ def read_stack(folder: Path) -> SentenceStack:
     default_prompt = settings.get("default_prompt_name")
     if default_prompt is not None and default_prompt not in prompts:
         raise ModelLoadError(f"'{folder}': default_prompt_name '{default_prompt}' is not among its prompts")
-    return SentenceStack(pooling, dense, normalize, _max_seq_length(folder), prompts, default_prompt)
+    return SentenceStack(
+        pooling, bool(include_prompt), dense, normalize, _max_seq_length(folder), prompts, default_prompt
+    )
 
 
 def _pooling_mode(config: dict[str, Any], folder: Path) -> str:
@@ -106,8 +110,6 @@ def _pooling_mode(config: dict[str, Any], folder: Path) -> str:
     modes = [modes] if isinstance(modes, str) else list(modes)
     if len(modes) != 1 or modes[0] not in POOLING_MODES:
         raise ModelLoadError(f"'{folder}': pooling {modes} is not supported; one of {', '.join(POOLING_MODES)}")
-    if config.get("include_prompt") is False:
-        raise ModelLoadError(f"'{folder}': pooling with include_prompt=false (prompt tokens left out) is not supported")
     return str(modes[0])
 
 

@@ -7,17 +7,21 @@ pooling and L2 normalisation. `dimensions` keeps the first values and normalises
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from transformers import AutoModel
 
 from handlers.base import EncodedRows, ForwardBatch, PredictiveHandler
-from handlers.errors import InvalidInput
+from handlers.errors import InvalidInput, ServingError
 from handlers.requests import PredictOptions, TaskResult, TensorSpec, TextInput
 from handlers.sentence_stack import Dense, SentenceStack, read_stack
 from settings.arguments import ServerArguments
 from settings.loading import ModelSource
 from settings.tasks import Task
+
+_PROMPT_LENGTH = "prompt_length"
 
 
 class TextEmbeddingHandler(PredictiveHandler):
@@ -27,6 +31,7 @@ class TextEmbeddingHandler(PredictiveHandler):
     def __init__(self, source: ModelSource, args: ServerArguments) -> None:
         super().__init__(source, args)
         self.stack: SentenceStack = read_stack(source.path)
+        self._local = threading.local()  # per-call prompt lengths (include_prompt=false)
         self.dense: list[Dense] = []
         # The folder's max_seq_length, unless max_model_len was set explicitly (then the argument wins).
         if self.stack.max_seq_length is not None and args.max_model_len is None:
@@ -92,11 +97,46 @@ class TextEmbeddingHandler(PredictiveHandler):
         prompt = self.prompt(options)
         return [prompt + text if isinstance(text, str) else text for text in texts] if prompt else texts
 
+    def prompt_length(self, prompt: str) -> int:
+        """Tokens of a prompt that pooling leaves out with include_prompt=false: as sentence-transformers
+        counts them, the prompt tokenized alone without its trailing special token (e.g. [SEP])."""
+        if not prompt:
+            return 0
+        ids = self.tokenizer(prompt, add_special_tokens=self.args.add_special_tokens)["input_ids"]
+        return len(ids) - (1 if ids and ids[-1] in self.tokenizer.all_special_ids else 0)
+
+    def predict_many(self, requests: list[tuple[list[TextInput], PredictOptions]]) -> list[TaskResult | ServingError]:
+        if self.stack.include_prompt:
+            return super().predict_many(requests)
+        # Each row's prompt length rides along as an extra "tensor", sliced with the rows and read in forward.
+        self._local.prompt_lengths = [
+            0 if not isinstance(text, str) else self.prompt_length(self.prompt(options))
+            for texts, options in requests
+            for text in texts
+        ]
+        try:
+            return super().predict_many(requests)
+        finally:
+            self._local.prompt_lengths = None
+
+    def tokenize(self, texts: list[TextInput], need_offsets: bool) -> dict[str, torch.Tensor]:
+        encoding = super().tokenize(texts, need_offsets)
+        lengths = getattr(self._local, "prompt_lengths", None)
+        if lengths is not None:
+            encoding[_PROMPT_LENGTH] = torch.tensor(lengths, dtype=torch.long)
+        return encoding
+
     # --- the work ---
 
     def forward(self, model_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        model_inputs = dict(model_inputs)
+        prompt_lengths = model_inputs.pop(_PROMPT_LENGTH, None)
         hidden = self.model_output(model_inputs)
-        vectors = pool(hidden, model_inputs["attention_mask"], self.stack.pooling)
+        mask = model_inputs["attention_mask"]
+        if prompt_lengths is not None:  # right padding: a row's prompt is its first tokens
+            positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
+            mask = mask.masked_fill(positions < prompt_lengths.unsqueeze(1), 0)
+        vectors = pool(hidden, mask, self.stack.pooling)
         for layer in self.dense:
             vectors = layer(vectors)
         return F.normalize(vectors, p=2, dim=1) if self.stack.normalize else vectors
@@ -112,8 +152,8 @@ class TextEmbeddingHandler(PredictiveHandler):
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    if mode == "cls":
-        return hidden[:, 0]
+    if mode == "cls":  # the first token pooled: [CLS], or the first after a left-out prompt
+        return hidden[torch.arange(hidden.shape[0]), attention_mask.argmax(dim=1)]
     if mode == "max":
         return hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
     if mode == "lasttoken":

@@ -21,15 +21,16 @@ PROMPTS = {"query": "query: ", "passage": "passage: "}
 DEFAULT_PROMPT = "query"
 
 
-def build_stack(bert: Path, folder: Path) -> Path:
-    from sentence_transformers import SentenceTransformer, models
+def build_stack(bert: Path, folder: Path, pooling: str = "mean", include_prompt: bool = True) -> Path:
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import modules as models
 
     torch.manual_seed(99)
     transformer = models.Transformer(str(bert), max_seq_length=MAX_SEQ_LENGTH)
     hidden = int(transformer.auto_model.config.hidden_size)
     modules = [
         transformer,
-        models.Pooling(hidden, pooling_mode="mean"),
+        models.Pooling(hidden, pooling_mode=pooling, include_prompt=include_prompt),
         models.Dense(hidden, 48, activation_function=torch.nn.GELU()),
         models.Dense(48, 24, activation_function=torch.nn.Tanh()),
         models.Normalize(),
@@ -43,18 +44,20 @@ def build_stack(bert: Path, folder: Path) -> Path:
     return folder
 
 
-def cached_stack(bert: Path) -> Path:
+def cached_stack(bert: Path, pooling: str = "mean", include_prompt: bool = True) -> Path:
+    """The stack for this tiny BERT; `pooling` and `include_prompt` vary the Pooling module."""
     import sentence_transformers
 
     key = hashlib.sha256(Path(__file__).read_bytes())
     key.update(sentence_transformers.__version__.encode())
     key.update((bert / "model.safetensors").read_bytes())
+    key.update(f"{pooling}-{include_prompt}".encode())
     root = bert.parent.parent / f"hf-serve-st-stack-{key.hexdigest()[:16]}"
     if (root / "modules.json").is_file():
         return root
     staging = Path(tempfile.mkdtemp(prefix=root.name + ".building-", dir=root.parent))
     try:
-        build_stack(bert, staging)
+        build_stack(bert, staging, pooling, include_prompt)
         with contextlib.suppress(OSError):  # another session finished first; its build is the same
             staging.rename(root)
     finally:

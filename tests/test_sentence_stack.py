@@ -24,6 +24,7 @@ from handlers.requests import PredictOptions
 from handlers.text_embedding import TextEmbeddingHandler
 from settings.arguments import parse_arguments
 from settings.loading import inspect_model
+from settings.tasks import Task
 from tests.sentence_stack_models import DEFAULT_PROMPT, MAX_SEQ_LENGTH, cached_stack
 from tests.server_process import ServerProcess
 
@@ -94,6 +95,21 @@ def test_token_ids_give_the_vectors_of_their_text(handler, encoder):
     ids = [encoder.tokenize([encoder.prompts[DEFAULT_PROMPT] + text])["input_ids"][0].tolist() for text in TEXTS]
     mixed = embed(handler, [ids[0], TEXTS[1], ids[2]])
     assert np.allclose(mixed, encoder.encode(TEXTS), atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max"])
+def test_pooling_without_the_prompt_tokens_equals_sentence_transformers(tiny_models, pooling):
+    """include_prompt=false (INSTRUCTOR-style): the prompt is read by the model but left out of the pooling."""
+    folder = cached_stack(tiny_models["bert_model"], pooling=pooling, include_prompt=False)
+    args = parse_arguments({"model_dir": str(folder), "device": "cpu"}, environ={})
+    built = handler_class_for(Task.text_embedding)(inspect_model(args), args)
+    assert isinstance(built, TextEmbeddingHandler) and not built.stack.include_prompt
+    built.load()
+    encoder = SentenceTransformer(str(folder), device="cpu")
+    assert np.allclose(embed(built, TEXTS), encoder.encode(TEXTS), atol=1e-5)
+    mixed = built.predict_many([(TEXTS[:2], PredictOptions(prompt_name="passage")), (TEXTS[2:], PredictOptions())])
+    assert np.allclose(mixed[0].predictions, encoder.encode(TEXTS[:2], prompt_name="passage"), atol=1e-5)
+    assert np.allclose(mixed[1].predictions, encoder.encode(TEXTS[2:]), atol=1e-5)
 
 
 # --- through the service ---
