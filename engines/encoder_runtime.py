@@ -14,9 +14,16 @@ from engines.batcher import MicroBatcher
 from handlers.base import PredictiveHandler
 from handlers.errors import InvalidInput, NotReady, ServingError
 from handlers.registry import handler_class_for
-from handlers.requests import GENERATION_ONLY_OPTIONS, PredictOptions, RequestOptions, TaskResult
+from handlers.requests import (
+    GENERATION_ONLY_OPTIONS,
+    PredictOptions,
+    RequestOptions,
+    RerankResult,
+    TaskResult,
+)
 from settings.arguments import ServerArguments
 from settings.loading import ModelSource, inspect_model
+from settings.tasks import Task
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +94,8 @@ class PredictiveRuntime:
     async def predict(self, texts: list[str], options: PredictOptions) -> TaskResult:
         if self._batcher is None or not self.ready:
             raise self.not_ready_error()
+        if self.source.task != Task.rerank and not all(isinstance(text, str) for text in texts):
+            raise InvalidInput("text pairs are served by rerank models only; send strings")
         self.handler.validate(texts, options)
         if len(texts) > self.args.max_queue_size:
             # Never queueable, so 400 rather than the batcher's 429 (retrying would not help).
@@ -98,6 +107,23 @@ class PredictiveRuntime:
         if isinstance(result, ServingError):
             raise result
         return result
+
+    async def rerank(self, query: str, documents: list[str], *, raw_scores: bool | None = None) -> RerankResult:
+        """Score each document against the query with the cross-encoder, batched with other requests.
+
+        Scores are sigmoid(logit) (sentence-transformers' CrossEncoder default), or raw logits with
+        `raw_scores=True`; None takes the server's `return_raw_logits`. Any route may call this.
+        """
+        if self.source.task != Task.rerank:
+            raise InvalidInput(
+                f"model '{self.args.model_name}' serves {self.source.task.value}; reranking needs a cross-encoder "
+                "(serve one with task=rerank)"
+            )
+        if not documents:
+            raise InvalidInput("'documents' is empty: send at least one document", param="documents")
+        options = self.options_for(RequestOptions(return_raw_logits=raw_scores) if raw_scores is not None else None)
+        result = await self.predict([(query, document) for document in documents], options)  # type: ignore[misc]
+        return RerankResult(scores=list(result.predictions), token_count=result.token_count)
 
     def _log_request(self, texts: list[str]) -> None:
         if self.args.disable_log_requests or not logger.isEnabledFor(logging.INFO):

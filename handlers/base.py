@@ -100,16 +100,7 @@ class PredictiveHandler(ABC):
         need_offsets = any(
             options.return_offsets_mapping or options.aggregation_strategy != "none" for _, options in requests
         )
-        encoding = self.tokenizer(
-            texts,
-            max_length=self.source.max_model_len,
-            truncation=True,
-            padding=True,
-            add_special_tokens=self.args.add_special_tokens,
-            return_token_type_ids=self.args.return_token_type_ids,
-            return_offsets_mapping=need_offsets and self.tokenizer.is_fast,
-            return_tensors="pt",
-        )
+        encoding = self.encode(texts, need_offsets)
         offsets = encoding.pop("offset_mapping", None)
         lengths = encoding["attention_mask"].sum(dim=1)
         rows: list[EncodedRows] = []
@@ -139,6 +130,19 @@ class PredictiveHandler(ABC):
             except ServingError as error:  # one request's problem must not fail the others in its batch
                 results.append(error)
         return results
+
+    def encode(self, texts: list[Any], need_offsets: bool) -> Any:
+        """Tokenize a batch's inputs, padded together; subclasses taking text pairs override it."""
+        return self.tokenizer(
+            texts,
+            max_length=self.source.max_model_len,
+            truncation=True,
+            padding=True,
+            add_special_tokens=self.args.add_special_tokens,
+            return_token_type_ids=self.args.return_token_type_ids,
+            return_offsets_mapping=need_offsets and self.tokenizer.is_fast,
+            return_tensors="pt",
+        )
 
     # The model output a task post-processes: "logits" for heads, "last_hidden_state" for encoders.
     output_field: ClassVar[str] = "logits"

@@ -107,3 +107,11 @@ class TaskResult:
     @property
     def predictions(self) -> list[Any]:
         return self.outputs["output-0"]
+
+
+@dataclass
+class RerankResult:
+    """Relevance scores of documents for one query, in the documents' order."""
+
+    scores: list[float]
+    token_count: int
