@@ -20,10 +20,12 @@ from engines.generation.backend import GenerationBackend
 from engines.generation.select import build_generation_backend, vllm_unavailable_reason
 from handlers.errors import ServingError
 from protocols import v2_grpc
-from protocols.errors import kserve_error_body, openai_error_body
+from protocols.errors import kserve_error_body, openai_error_body, tei_error_body
 from protocols.kserve_generation import GenerativeRuntime
 from routes import kserve as kserve_routes
 from routes import openai as openai_routes
+from routes import rerank as rerank_routes
+from routes import tei as tei_routes
 from routes.common import OPENAI_PREFIX, Timer, json_response
 from settings.arguments import ArgumentError, ServerArguments, parse_arguments
 from settings.loading import ModelLoadError, ModelSource, apply_torch_threads, inspect_model
@@ -73,8 +75,13 @@ app = FastAPI(title="Hugging Face model server", version=SERVER_VERSION)
 
 @app.exception_handler(ServingError)
 async def _serving_error(request: Request, error: ServingError) -> Response:
-    openai_route = request.url.path.startswith(OPENAI_PREFIX)
-    body = openai_error_body(error) if openai_route else kserve_error_body(error)
+    path = request.url.path
+    if path.startswith(OPENAI_PREFIX) or path == "/v1/rerank":
+        body = openai_error_body(error)
+    elif path in tei_routes.TEI_PATHS:
+        body = tei_error_body(error)
+    else:
+        body = kserve_error_body(error)
     if error.status_code >= 500:
         logger.warning("%s %s -> %d: %s", request.method, request.url.path, error.status_code, error.message)
     return json_response(body, status_code=error.status_code)
@@ -122,7 +129,8 @@ class HuggingFaceService:  # routes are mounted per instance in __init__
         self.server_name, self.server_version = SERVER_NAME, SERVER_VERSION
         # Routers close over this instance: no per-request dependency has to find the service (BentoML's
         # class views resolve one in a thread pool for every request, a measurable share of a small request).
-        for build_router in (kserve_routes.build_router, openai_routes.build_router):
+        routers = (kserve_routes, openai_routes, rerank_routes, tei_routes)
+        for build_router in (module.build_router for module in routers):
             app.include_router(build_router(self))
 
     @bentoml.on_startup

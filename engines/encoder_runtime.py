@@ -6,6 +6,7 @@ then loads weights on a background thread, so health routes answer 503 instead o
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -28,6 +29,8 @@ from settings.tasks import Task
 logger = logging.getLogger(__name__)
 
 Work = tuple[list[str], PredictOptions]
+# Tasks whose inputs may be text pairs (query + document, premise + hypothesis).
+_PAIR_TASKS = (Task.rerank, Task.sequence_classification)
 
 
 class PredictiveRuntime:
@@ -94,8 +97,8 @@ class PredictiveRuntime:
     async def predict(self, texts: list[str], options: PredictOptions) -> TaskResult:
         if self._batcher is None or not self.ready:
             raise self.not_ready_error()
-        if self.source.task != Task.rerank and not all(isinstance(text, str) for text in texts):
-            raise InvalidInput("text pairs are served by rerank models only; send strings")
+        if self.source.task not in _PAIR_TASKS and not all(isinstance(text, str) for text in texts):
+            raise InvalidInput("text pairs are served by rerank and sequence_classification models; send strings")
         self.handler.validate(texts, options)
         if len(texts) > self.args.max_queue_size:
             # Never queueable, so 400 rather than the batcher's 429 (retrying would not help).
@@ -124,6 +127,18 @@ class PredictiveRuntime:
         options = self.options_for(RequestOptions(return_raw_logits=raw_scores) if raw_scores is not None else None)
         result = await self.predict([(query, document) for document in documents], options)  # type: ignore[misc]
         return RerankResult(scores=list(result.predictions), token_count=result.token_count)
+
+    async def token_embeddings(self, texts: list[str]) -> list[list[list[float]]]:
+        """Every token's last hidden state per input (TEI's /embed_all), on a worker thread."""
+        if self.source.task != Task.text_embedding:
+            raise InvalidInput(
+                f"model '{self.args.model_name}' serves {self.source.task.value}; not an embedding model"
+            )
+        if self._batcher is None or not self.ready:
+            raise self.not_ready_error()
+        if len(texts) > self.args.max_batch_size:
+            raise InvalidInput(f"batch size {len(texts)} > maximum allowed batch size {self.args.max_batch_size}")
+        return await asyncio.to_thread(self.handler.hidden_states, texts)
 
     def _log_request(self, texts: list[str]) -> None:
         if self.args.disable_log_requests or not logger.isEnabledFor(logging.INFO):

@@ -40,6 +40,11 @@ class ForwardBatch:
     texts: list[str] = field(default_factory=list)  # the inputs, in row order
 
 
+def is_pair(item: Any) -> bool:
+    """A (query, document) or (premise, hypothesis) pair of texts."""
+    return isinstance(item, tuple | list) and len(item) == 2 and all(isinstance(part, str) for part in item)
+
+
 class PredictiveHandler(ABC):
     """A task on an encoder model: tokenize, forward in batches, post-process per request."""
 
@@ -132,20 +137,39 @@ class PredictiveHandler(ABC):
         return results
 
     def encode(self, texts: list[Any], need_offsets: bool) -> Any:
-        """Tokenize a batch's inputs, padded together; subclasses taking text pairs override it."""
-        return self.tokenizer(
-            texts,
-            max_length=self.source.max_model_len,
-            truncation=True,
-            padding=True,
-            add_special_tokens=self.args.add_special_tokens,
-            return_token_type_ids=self.args.return_token_type_ids,
-            return_offsets_mapping=need_offsets and self.tokenizer.is_fast,
-            return_tensors="pt",
-        )
+        """Tokenize a batch's inputs, padded together; (a, b) pairs as the tokenizer's text pairs."""
+        kwargs: dict[str, Any] = {
+            "max_length": self.source.max_model_len,
+            "truncation": True,
+            "add_special_tokens": self.args.add_special_tokens,
+            "return_token_type_ids": self.args.return_token_type_ids,
+        }
+        pairs = [is_pair(item) for item in texts]
+        if not any(pairs):
+            offsets = need_offsets and self.tokenizer.is_fast
+            return self.tokenizer(texts, padding=True, return_offsets_mapping=offsets, return_tensors="pt", **kwargs)
+        if all(pairs):
+            firsts, seconds = [item[0] for item in texts], [item[1] for item in texts]
+            return self.tokenizer(firsts, seconds, padding=True, return_tensors="pt", **kwargs)
+        # Texts and pairs in one batch: each tokenized as it is, then padded together.
+        features = [
+            dict(self.tokenizer(*item, **kwargs) if pair else self.tokenizer(item, **kwargs))
+            for item, pair in zip(texts, pairs, strict=True)
+        ]
+        return self.tokenizer.pad(features, padding=True, return_tensors="pt")
 
     # The model output a task post-processes: "logits" for heads, "last_hidden_state" for encoders.
     output_field: ClassVar[str] = "logits"
+
+    def hidden_states(self, texts: list[str]) -> list[list[list[float]]]:
+        """Each input's per-token model output without padding (TEI's /embed_all on encoders); one pass,
+        outside the batcher but under the model's lock."""
+        encoding = self.encode(texts, need_offsets=False)
+        model_inputs = {k: v.to(self.source.device) for k, v in encoding.items()}
+        with self._lock, torch.inference_mode():
+            outputs = self.model_output(model_inputs).float().cpu()
+        lengths = encoding["attention_mask"].sum(dim=1).tolist()
+        return [outputs[row, : int(length)].tolist() for row, length in enumerate(lengths)]
 
     def model_output(self, model_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The model's output tensor, from the local model or the remote predictor."""

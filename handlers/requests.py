@@ -67,6 +67,7 @@ class PredictOptions:
     labels: bool = False
     top_k: int | None = None
     aggregation_strategy: str = "none"
+    normalize: bool | None = None  # text_embedding: L2-normalise; None: as the model folder says
 
     @classmethod
     def merge(cls, args: ServerArguments, request: RequestOptions | None) -> PredictOptions:

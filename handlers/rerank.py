@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from handlers.base import EncodedRows, ForwardBatch, PredictiveHandler
+from handlers.base import EncodedRows, ForwardBatch, PredictiveHandler, is_pair
 from handlers.errors import InvalidInput
 from handlers.requests import PredictOptions, TaskResult, TensorSpec
 from settings.arguments import ServerArguments
@@ -21,10 +21,6 @@ from settings.loading import ModelSource
 from settings.tasks import Task, cross_encoder_activation
 
 logger = logging.getLogger(__name__)
-
-
-def is_pair(item: Any) -> bool:
-    return isinstance(item, tuple | list) and len(item) == 2 and all(isinstance(part, str) for part in item)
 
 
 class RerankHandler(PredictiveHandler):
@@ -55,26 +51,6 @@ class RerankHandler(PredictiveHandler):
         for index, item in enumerate(texts):
             if not (isinstance(item, str) or is_pair(item)):
                 raise InvalidInput(f"input {index} must be a text or a [query, document] pair of texts")
-
-    def encode(self, texts: list[Any], need_offsets: bool) -> Any:
-        """Pairs tokenized as the tokenizer's text pairs (query first), as CrossEncoder does."""
-        if not any(is_pair(item) for item in texts):
-            return super().encode(texts, need_offsets)
-        kwargs: dict[str, Any] = {
-            "max_length": self.source.max_model_len,
-            "truncation": True,
-            "add_special_tokens": self.args.add_special_tokens,
-            "return_token_type_ids": self.args.return_token_type_ids,
-        }
-        if all(is_pair(item) for item in texts):
-            firsts, seconds = [item[0] for item in texts], [item[1] for item in texts]
-            return self.tokenizer(firsts, seconds, padding=True, return_tensors="pt", **kwargs)
-        # Texts and pairs in one batch: each tokenized as it is, then padded together.
-        features = [
-            dict(self.tokenizer(*item, **kwargs)) if is_pair(item) else dict(self.tokenizer(item, **kwargs))
-            for item in texts
-        ]
-        return self.tokenizer.pad(features, padding=True, return_tensors="pt")
 
     def postprocess(self, batch: ForwardBatch, rows: EncodedRows, options: PredictOptions) -> TaskResult:
         logits = batch.outputs[rows.start : rows.stop, 0]

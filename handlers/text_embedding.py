@@ -49,11 +49,13 @@ class TextEmbeddingHandler(PredictiveHandler):
 
     def forward(self, model_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = self.model_output(model_inputs)
-        pooled = pool(hidden, model_inputs["attention_mask"], self.pooling)
-        return F.normalize(pooled, p=2, dim=1) if self.normalize else pooled
+        return pool(hidden, model_inputs["attention_mask"], self.pooling)
 
     def postprocess(self, batch: ForwardBatch, rows: EncodedRows, options: PredictOptions) -> TaskResult:
-        return TaskResult({"output-0": batch.outputs[rows.start : rows.stop].tolist()}, self.token_count(batch, rows))
+        vectors = batch.outputs[rows.start : rows.stop]
+        if self.normalize if options.normalize is None else options.normalize:  # per request (TEI's `normalize`)
+            vectors = F.normalize(vectors, p=2, dim=1)
+        return TaskResult({"output-0": vectors.tolist()}, self.token_count(batch, rows))
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
