@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+import tritonclient.grpc as triton
 from sentence_transformers import CrossEncoder
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -21,7 +22,7 @@ from handlers.errors import InvalidInput
 from settings.arguments import parse_arguments
 from settings.loading import ModelLoadError, inspect_model
 from settings.tasks import Task, infer_task
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, free_port
 
 QUERY = "What is the capital of France?"
 DOCUMENTS = [
@@ -110,10 +111,13 @@ def test_rerank_refuses_empty_documents_and_other_tasks(runtime, tiny_models):
 # --- over HTTP, through `bentoml serve` ---
 
 
+GRPC_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def url(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server = ServerProcess(
-        {"model_dir": str(tiny_models["cross_encoder"]), "model_name": "reranker"},
+        {"model_dir": str(tiny_models["cross_encoder"]), "model_name": "reranker", "grpc_port": str(GRPC_PORT)},
         tmp_path_factory.mktemp("rerank-server") / "server.log",
     )
     try:
@@ -147,6 +151,15 @@ def test_cohere_jina_vllm_rerank(url, expected, path):
 
     wrong = httpx.post(url + path, json={"model": "other", "query": QUERY, "documents": DOCUMENTS}, timeout=60)
     assert wrong.status_code == 404 and "other" in wrong.json()["error"]["message"]
+
+    raw = httpx.post(url + path, json={"query": QUERY, "documents": DOCUMENTS, "top_n": 0, "raw_scores": True}).json()
+    assert len(raw["results"]) == len(DOCUMENTS) and [r["index"] for r in raw["results"]] == order
+    assert np.allclose(
+        [r["relevance_score"] for r in raw["results"]], np.log(expected / (1 - expected))[order], atol=1e-4
+    )
+
+    empty = httpx.post(url + path, json={"query": QUERY, "documents": []}, timeout=60)
+    assert empty.status_code == 422 and "documents" in empty.text
 
 
 def test_tei_rerank_and_post_root(url, expected, tiny_models):
@@ -189,3 +202,25 @@ def test_v1_pairs_and_v2_pair_tensor(url, expected):
     assert wrong.status_code == 400 and "shape [N, 2]" in wrong.json()["error"]
     metadata = httpx.get(url + "/v2/models/reranker", timeout=60).json()
     assert metadata["inputs"] == [{"name": "input-0", "datatype": "BYTES", "shape": [-1, 2]}]
+
+
+def test_grpc_pair_tensor(url, expected):
+    client = triton.InferenceServerClient(f"127.0.0.1:{GRPC_PORT}")
+    tensor = triton.InferInput("input-0", [len(DOCUMENTS), 2], "BYTES")
+    tensor.set_data_from_numpy(np.array([[QUERY, d] for d in DOCUMENTS], dtype=object))
+    scores = client.infer("reranker", [tensor]).as_numpy("output-0")
+    assert scores.shape == (len(DOCUMENTS),) and np.allclose(scores, expected, atol=1e-6)
+
+
+def test_identity_activation_in_the_folder_gives_logits(tiny_models, tmp_path):
+    folder = tmp_path / "identity"
+    shutil.copytree(tiny_models["cross_encoder"], folder)
+    config_file = folder / "config_sentence_transformers.json"
+    config = json.loads(config_file.read_text())
+    config["activation_fn"] = "torch.nn.modules.linear.Identity"
+    config_file.write_text(json.dumps(config))
+    identity = PredictiveRuntime(parse_arguments({"model_dir": str(folder)}))
+    identity.load()
+    scores = asyncio.run(identity.rerank(QUERY, DOCUMENTS)).scores
+    assert np.allclose(scores, cross_encoder_scores(folder, QUERY, DOCUMENTS), atol=1e-6)
+    assert np.allclose(scores, direct_logits(folder, QUERY, DOCUMENTS), atol=1e-5)

@@ -207,6 +207,15 @@ def test_text_generation_streamed_or_not_equals_greedy_generate(servers, tiny_mo
     assert with_prompt == PROMPT + text
 
 
+def test_generation_stop_sequence(servers, tiny_models):
+    _, text = greedy(tiny_models["llama"], PROMPT, 12)
+    stop = text[len(text) // 2 : len(text) // 2 + 3]  # a piece of the greedy answer: generation ends before it
+    client = InferenceClient(model=servers["llama"])
+    detailed = client.text_generation(PROMPT, max_new_tokens=12, stop=[stop], details=True)
+    assert detailed.generated_text == text[: text.index(stop)]
+    assert detailed.details.finish_reason == "stop_sequence"
+
+
 def test_generation_refuses_what_it_cannot_honour(servers):
     response = httpx.post(servers["llama"] + "/generate", json={"inputs": PROMPT, "parameters": {"watermark": True}})
     assert response.status_code == 400
