@@ -98,6 +98,19 @@ def rerank_response(request: RerankRequest, model_name: str, result: RerankResul
     )
 
 
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class OpenAIErrorResponse(BaseModel):
+    """The error body of /v1/rerank and /openai/v1/rerank (OpenAI's shape, as vLLM answers there)."""
+
+    error: OpenAIErrorDetail
+
+
 # --- TEI ---
 
 

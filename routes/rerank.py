@@ -10,7 +10,11 @@ from routes.common import OPENAI_PREFIX, ServedModel, predictive_runtime
 
 
 def build_router(served: ServedModel) -> APIRouter:
-    router = APIRouter()
+    errors = {
+        status: {"model": rerank.OpenAIErrorResponse, "description": meaning}
+        for status, meaning in ((400, "Invalid input"), (404, "Unknown model"), (429, "Queue full"), (503, "Not ready"))
+    }
+    router = APIRouter(tags=["Rerank"], responses=errors)  # type: ignore[arg-type]
     args = served.args
 
     async def _rerank(request: rerank.RerankRequest) -> rerank.RerankResponse:

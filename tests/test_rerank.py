@@ -224,3 +224,22 @@ def test_identity_activation_in_the_folder_gives_logits(tiny_models, tmp_path):
     scores = asyncio.run(identity.rerank(QUERY, DOCUMENTS)).scores
     assert np.allclose(scores, cross_encoder_scores(folder, QUERY, DOCUMENTS), atol=1e-6)
     assert np.allclose(scores, direct_logits(folder, QUERY, DOCUMENTS), atol=1e-5)
+
+
+def test_openapi_documents_typed_bodies_of_the_new_routes(url):
+    document = httpx.get(url + "/openapi.json", timeout=60).json()
+    schemas = document["components"]["schemas"]
+    posts = ["/v1/rerank", "/openai/v1/rerank", "/embed", "/embed_all", "/predict", "/rerank", "/tokenize", "/decode"]
+    for path in [*posts, "/generate", "/generate_stream", "/"]:
+        operation = document["paths"][path]["post"]
+        body = operation["requestBody"]["content"]["application/json"]["schema"]
+        refs = [body["$ref"]] if "$ref" in body else [item["$ref"] for item in body["anyOf"]]
+        assert all(ref.split("/")[-1] in schemas for ref in refs), path
+        assert operation["responses"]["200"]["content"]["application/json"]["schema"], path
+        error = operation["responses"]["400"]["content"]["application/json"]["schema"]["$ref"]
+        assert error.endswith("OpenAIErrorResponse" if path.endswith("/v1/rerank") else "/ErrorResponse"), path
+    assert set(schemas["RerankRequest"]["required"]) == {"query", "documents"}
+    assert set(schemas["TEIRerankRequest"]["required"]) == {"query", "texts"}
+    assert document["paths"]["/info"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"] == (
+        "#/components/schemas/Info"
+    )
