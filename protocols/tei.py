@@ -120,6 +120,8 @@ class PipelineParameters(BaseModel):
         None, description="token_classification: entity spans, as transformers' pipeline ('simple', the default)."
     )
     ignore_labels: list[str] | None = Field(None, description="token_classification: labels left out (default O).")
+    stride: int | None = Field(None, description="token_classification: not served (a 400 when set).")
+    targets: list[str] | None = Field(None, description="fill_mask: not served (a 400 when set).")
 
 
 class PipelineRequest(BaseModel):

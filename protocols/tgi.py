@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -28,13 +29,16 @@ from engines.generation.backend import (
 )
 from handlers.errors import InvalidInput, ServingError
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_MAX_NEW_TOKENS = 100
 
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
 
 
 class GenerateParameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown fields are accepted and logged, as TGI ignores them.
+    model_config = ConfigDict(extra="allow")
 
     adapter_id: str | None = Field(None, description="Not served: a 400 when set.")
     best_of: int | None = Field(None, gt=0, description="Only 1 is served.")
@@ -57,6 +61,8 @@ class GenerateParameters(BaseModel):
     watermark: bool = Field(False, description="Not served: a 400 when true.")
 
     def refuse_unsupported(self) -> None:
+        if self.model_extra:
+            logger.info("generate request: ignored parameters %s", sorted(self.model_extra))
         unsupported = {
             "adapter_id": self.adapter_id is not None,
             "best_of": (self.best_of or 1) > 1,

@@ -272,6 +272,9 @@ def _refuse_prompt_name(prompt_name: str | None) -> None:
 
 
 def _refuse_parameters(parameters: tei.PipelineParameters, *allowed: str) -> None:
+    unserved = sorted(name for name in ("stride", "targets") if getattr(parameters, name) is not None)
+    if unserved:
+        raise InvalidInput(f"parameters {', '.join(unserved)} are not supported by this server")
     misplaced = sorted(name for name in parameters.model_fields_set if name not in allowed)
     if misplaced:
         raise InvalidInput(f"parameters {', '.join(misplaced)} do not apply to this model's task")

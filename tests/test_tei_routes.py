@@ -166,6 +166,12 @@ def test_wrong_task_is_a_400_in_teis_error_shape(servers):
         "error": "model 'model' serves token_classification; /embed needs text_embedding",
         "error_type": "validation",
     }
+    targets = httpx.post(servers["fill_mask"], json={"inputs": "a [MASK]", "parameters": {"targets": ["paris"]}})
+    assert targets.status_code == 400
+    assert targets.json() == {
+        "error": "parameters targets are not supported by this server",
+        "error_type": "validation",
+    }
     generate = httpx.post(servers["embedding"] + "/generate", json={"inputs": "hello"})
     assert generate.status_code == 400 and generate.json()["error_type"] == "validation"
 
