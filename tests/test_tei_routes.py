@@ -172,6 +172,9 @@ def test_wrong_task_is_a_400_in_teis_error_shape(servers):
         "error": "parameters targets are not supported by this server",
         "error_type": "validation",
     }
+    for name, value in (("prompt_name", "query"), ("truncation_direction", "left")):
+        refused = httpx.post(servers["embedding"] + "/embed", json={"inputs": "hello", name: value})
+        assert refused.status_code == 400 and name in refused.json()["error"], refused.text
     generate = httpx.post(servers["embedding"] + "/generate", json={"inputs": "hello"})
     assert generate.status_code == 400 and generate.json()["error_type"] == "validation"
 
