@@ -6,6 +6,7 @@ then loads weights on a background thread, so health routes answer 503 instead o
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import threading
@@ -16,13 +17,30 @@ from handlers.base import PredictiveHandler
 from handlers.encoding import Encoded, first_cut
 from handlers.errors import InputTooLarge, InvalidInput, NotReady, ServingError
 from handlers.registry import handler_class_for
-from handlers.requests import GENERATION_ONLY_OPTIONS, PredictOptions, RequestOptions, TaskResult, TextInput
+from handlers.requests import (
+    GENERATION_ONLY_OPTIONS,
+    PredictOptions,
+    RequestOptions,
+    RerankResult,
+    TaskResult,
+    TextInput,
+)
 from settings.arguments import ServerArguments
 from settings.loading import ModelSource, inspect_model
+from settings.tasks import Task
 
 logger = logging.getLogger(__name__)
 
 Work = tuple[list[TextInput], PredictOptions]
+# Tasks whose inputs may be text pairs (query + document, premise + hypothesis).
+_PAIR_TASKS = (Task.rerank, Task.sequence_classification)
+
+
+def input_size(item: TextInput | tuple[str, str]) -> int:
+    """Characters of a text or of both texts of a pair; a token-id input counts its ids."""
+    if isinstance(item, str):
+        return len(item)
+    return sum(len(part) if isinstance(part, str) else 1 for part in item)
 
 
 class PredictiveRuntime:
@@ -63,7 +81,7 @@ class PredictiveRuntime:
             self.handler.run,
             prepare=prepare,
             cost=lambda encoded: encoded.cost,
-            is_large=lambda work: sum(len(text) for text in work[0]) > large_chars,
+            is_large=lambda work: sum(map(input_size, work[0])) > large_chars,
             max_batch_tokens=self.args.max_batch_tokens,
             max_batch_size=self.args.max_batch_size,
             max_wait_s=self.args.max_wait_ms / 1000,
@@ -108,6 +126,8 @@ class PredictiveRuntime:
         if self._batcher is None or not self.ready:
             raise self.not_ready_error()
         self.check_limits(texts)
+        if self.source.task not in _PAIR_TASKS and not all(isinstance(text, str) for text in texts):
+            raise InvalidInput("text pairs are served by rerank and sequence_classification models; send strings")
         self.handler.validate(texts, options)
         self._log_request(texts)
         result = await self._batcher.submit((texts, options), size=len(texts))
@@ -131,11 +151,40 @@ class PredictiveRuntime:
             )
         limit = self.args.max_input_characters
         for index, text in enumerate(texts):
-            if len(text) > limit:
+            if input_size(text) > limit:
                 raise InputTooLarge(
-                    f"input {index} has {len(text)} characters, more than max_input_characters={limit}",
+                    f"input {index} has {input_size(text)} characters, more than max_input_characters={limit}",
                     param="inputs",
                 )
+
+    async def rerank(self, query: str, documents: list[str], *, raw_scores: bool | None = None) -> RerankResult:
+        """Score each document against the query with the cross-encoder, batched with other requests.
+
+        Scores are sigmoid(logit) (sentence-transformers' CrossEncoder default), or raw logits with
+        `raw_scores=True`; None takes the server's `return_raw_logits`. Any route may call this.
+        """
+        if self.source.task != Task.rerank:
+            raise InvalidInput(
+                f"model '{self.args.model_name}' serves {self.source.task.value}; reranking needs a cross-encoder "
+                "(serve one with task=rerank)"
+            )
+        if not documents:
+            raise InvalidInput("'documents' is empty: send at least one document", param="documents")
+        options = self.options_for(RequestOptions(return_raw_logits=raw_scores) if raw_scores is not None else None)
+        result = await self.predict([(query, document) for document in documents], options)  # type: ignore[misc]
+        return RerankResult(scores=list(result.predictions), token_count=result.token_count)
+
+    async def token_embeddings(self, texts: list[str]) -> list[list[list[float]]]:
+        """Every token's last hidden state per input (TEI's /embed_all), on a worker thread."""
+        if self.source.task != Task.text_embedding:
+            raise InvalidInput(
+                f"model '{self.args.model_name}' serves {self.source.task.value}; not an embedding model"
+            )
+        if self._batcher is None or not self.ready:
+            raise self.not_ready_error()
+        if len(texts) > self.args.max_batch_size:
+            raise InvalidInput(f"batch size {len(texts)} > maximum allowed batch size {self.args.max_batch_size}")
+        return await asyncio.to_thread(self.handler.hidden_states, texts)
 
     def _log_request(self, texts: list[TextInput]) -> None:
         if self.args.disable_log_requests or not logger.isEnabledFor(logging.INFO):

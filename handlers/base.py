@@ -41,6 +41,11 @@ class ForwardBatch:
     texts: list[TextInput] = field(default_factory=list)  # the inputs, in row order
 
 
+def is_pair(item: Any) -> bool:
+    """A (query, document) or (premise, hypothesis) pair of texts."""
+    return isinstance(item, tuple | list) and len(item) == 2 and all(isinstance(part, str) for part in item)
+
+
 class PredictiveHandler(ABC):
     """A task on an encoder model: tokenize, forward in batches, post-process per request."""
 
@@ -105,11 +110,12 @@ class PredictiveHandler(ABC):
         return self.run([self.encode(texts, options) for texts, options in requests])
 
     def encode(
-        self, texts: list[TextInput], options: PredictOptions, tokenizer: PreTrainedTokenizerBase | None = None
+        self, texts: list[Any], options: PredictOptions, tokenizer: PreTrainedTokenizerBase | None = None
     ) -> Encoded:
         """Tokenize one request (on a tokenizer lane): long texts cut safely, then truncated to max_length.
 
-        Token-id inputs (lists of ints) are the model's input as given: one segment, every token attended.
+        Inputs are texts, (a, b) text pairs (tokenized as the tokenizer's pairs: rerank, NLI), or token ids
+        (lists of ints: the model's input as given, one segment, every token attended).
         """
         tokenizer = tokenizer or self.tokenizer
         cutter = self._cutters.get(id(tokenizer))
@@ -117,29 +123,34 @@ class PredictiveHandler(ABC):
             cutter = self._cutters[id(tokenizer)] = TextCutter(tokenizer, self.max_length, self.args.add_special_tokens)
         need_offsets = options.return_offsets_mapping or options.aggregation_strategy != "none"
         inputs = self.model_texts(texts, options)
-        strings = [text for text in inputs if isinstance(text, str)]
-        encoding = tokenizer(
-            cutter.cut(strings) if strings else [""],
-            max_length=self.max_length,
-            truncation=True,
-            padding=False,
-            add_special_tokens=self.args.add_special_tokens,
-            return_token_type_ids=self.args.return_token_type_ids,
-            return_offsets_mapping=need_offsets and tokenizer.is_fast,
-        )
-        if len(strings) == len(inputs):
+        common: dict[str, Any] = {
+            "max_length": self.max_length,
+            "truncation": True,
+            "padding": False,
+            "add_special_tokens": self.args.add_special_tokens,
+            "return_token_type_ids": self.args.return_token_type_ids,
+        }
+        if all(isinstance(text, str) for text in inputs):  # the common case, in one call
+            offsets = need_offsets and tokenizer.is_fast
+            encoding = tokenizer(cutter.cut(inputs), return_offsets_mapping=offsets, **common)
             return Encoded(texts, options, dict(encoding))
-        features: dict[str, list[list[Any]]] = {key: [] for key in encoding}
-        tokenized = iter(range(len(strings)))
-        for text in inputs:
-            if isinstance(text, str):
-                row = next(tokenized)
-                for key in features:
-                    features[key].append(encoding[key][row])
-                continue
-            for key in features:
-                fill = {"input_ids": None, "attention_mask": 1, "offset_mapping": (0, 0)}.get(key, 0)
-                features[key].append(list(text) if fill is None else [fill] * len(text))
+        rows: list[dict[str, list[Any]]] = [{} for _ in inputs]
+        strings = [i for i, item in enumerate(inputs) if isinstance(item, str)]
+        pairs = [i for i, item in enumerate(inputs) if is_pair(item)]
+        if strings:
+            encoding = tokenizer(cutter.cut([inputs[i] for i in strings]), **common)
+            for k, i in enumerate(strings):
+                rows[i] = {key: encoding[key][k] for key in encoding}
+        if pairs:
+            encoding = tokenizer([inputs[i][0] for i in pairs], [inputs[i][1] for i in pairs], **common)
+            for k, i in enumerate(pairs):
+                rows[i] = {key: encoding[key][k] for key in encoding}
+        for i, item in enumerate(inputs):
+            if not rows[i]:
+                rows[i] = {"input_ids": list(item), "attention_mask": [1] * len(item)}
+        keys = list(dict.fromkeys(key for row in rows for key in row))
+        fills = {"attention_mask": 1, "special_tokens_mask": 0}
+        features = {key: [row.get(key, [fills.get(key, 0)] * len(row["input_ids"])) for row in rows] for key in keys}
         return Encoded(texts, options, features)
 
     def run(self, requests: list[Encoded]) -> list[TaskResult | ServingError]:
@@ -200,6 +211,18 @@ class PredictiveHandler(ABC):
             else:
                 merged[indices, : output.shape[1]] = output
         return merged
+
+    def hidden_states(self, texts: list[str]) -> list[list[list[float]]]:
+        """Each input's per-token model output without padding (TEI's /embed_all on encoders); one pass,
+        outside the batcher but under the model's lock."""
+        encoded = self.encode(texts, PredictOptions())
+        lengths = encoded.lengths
+        tensors = pad_rows([encoded], [(0, i) for i in range(len(lengths))], max(lengths, default=1), self.tokenizer)
+        names = set(self.tokenizer.model_input_names)  # not the features a task adds for itself (prompt_mask)
+        model_inputs = {k: v.to(self.source.device) for k, v in tensors.items() if k in names}
+        with self._lock, torch.inference_mode():
+            outputs = self.model_output(model_inputs).float().cpu()
+        return [outputs[row, :length].tolist() for row, length in enumerate(lengths)]
 
     # The model output a task post-processes: "logits" for heads, "last_hidden_state" for encoders.
     output_field: ClassVar[str] = "logits"

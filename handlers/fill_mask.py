@@ -60,26 +60,37 @@ class FillMaskHandler(PredictiveHandler):
         mask_id = self.tokenizer.mask_token_id
         predictions: list[Any] = []
         for row in range(rows.start, rows.stop):
-            masks = int((batch.encoding["input_ids"][row] == mask_id).sum())
+            positions = (batch.encoding["input_ids"][row] == mask_id).nonzero().flatten()
+            masks = len(positions)
             if masks == 0:
                 raise InvalidInput(
                     f"input {row - rows.start} lost its mask token {self.tokenizer.mask_token} "
                     f"to truncation at max_model_len={self.source.max_model_len}"
                 )
             logits = batch.outputs[row, :masks]  # [masks, vocab]: forward gathered the mask positions in order
-            predictions.append(self._predict_masks(logits, options))
+            length = int(batch.encoding["attention_mask"][row].sum())
+            ids = batch.encoding["input_ids"][row, :length]
+            predictions.append(self._predict_masks(logits, options, ids, positions))
         return TaskResult({"output-0": predictions}, self.token_count(batch, rows))
 
-    def _predict_masks(self, logits: torch.Tensor, options: PredictOptions) -> Any:
+    def _predict_masks(
+        self, logits: torch.Tensor, options: PredictOptions, input_ids: torch.Tensor, positions: torch.Tensor
+    ) -> Any:
         if options.top_k is not None:
             probs = torch.softmax(logits, dim=-1)
             k = min(options.top_k, probs.shape[-1])
+            single = len(positions) == 1
             per_mask = []
-            for mask_probs in probs:
+            for mask_probs, position in zip(probs, positions.tolist(), strict=True):
                 scores, ids = mask_probs.topk(k)
                 per_mask.append(
                     [
-                        {"score": float(s), "token": int(i), "token_str": self.tokenizer.decode([int(i)])}
+                        {
+                            "score": float(s),
+                            "token": int(i),
+                            "token_str": self.tokenizer.decode([int(i)]),
+                            "sequence": self._filled(input_ids, position, int(i), single),
+                        }
                         for s, i in zip(scores, ids, strict=True)
                     ]
                 )
@@ -91,6 +102,13 @@ class FillMaskHandler(PredictiveHandler):
         if options.return_raw_logits:
             return [[{j: float(v)} for j, v in enumerate(mask_logits)] for mask_logits in logits]
         return self.tokenizer.decode(logits.argmax(dim=-1).tolist())
+
+    def _filled(self, input_ids: torch.Tensor, position: int, token: int, single: bool) -> str:
+        """The input with one mask replaced by `token`, decoded as transformers' fill-mask pipeline does
+        (special tokens skipped when the input has one mask, kept so the other masks show otherwise)."""
+        ids = input_ids.clone()
+        ids[position] = token
+        return self.tokenizer.decode(ids.tolist(), skip_special_tokens=single)
 
 
 def _gather_masks(values: torch.Tensor, is_mask: torch.Tensor) -> torch.Tensor:

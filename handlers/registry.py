@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from handlers.base import PredictiveHandler
 from handlers.fill_mask import FillMaskHandler
+from handlers.rerank import RerankHandler
 from handlers.sequence_classification import SequenceClassificationHandler
 from handlers.text_embedding import TextEmbeddingHandler
 from handlers.token_classification import TokenClassificationHandler
@@ -16,6 +17,7 @@ PREDICTIVE_HANDLERS: dict[Task, type[PredictiveHandler]] = {
         TokenClassificationHandler,
         FillMaskHandler,
         TextEmbeddingHandler,
+        RerankHandler,
     )
 }
 

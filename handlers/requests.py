@@ -99,6 +99,7 @@ class PredictOptions:
     aggregation_strategy: str = "none"
     dimensions: int | None = None
     prompt_name: str | None = None
+    normalize: bool | None = None  # text_embedding: L2-normalise; None: as the model folder says
 
     @classmethod
     def merge(cls, args: ServerArguments, request: RequestOptions | None) -> PredictOptions:
@@ -141,3 +142,11 @@ class TaskResult:
     @property
     def predictions(self) -> list[Any]:
         return self.outputs["output-0"]
+
+
+@dataclass
+class RerankResult:
+    """Relevance scores of documents for one query, in the documents' order."""
+
+    scores: list[float]
+    token_count: int

@@ -7,21 +7,23 @@ pooling and L2 normalisation. `dimensions` keeps the first values and normalises
 
 from __future__ import annotations
 
-import threading
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModel
 
 from handlers.base import EncodedRows, ForwardBatch, PredictiveHandler
-from handlers.errors import InvalidInput, ServingError
+from handlers.encoding import Encoded
+from handlers.errors import InvalidInput
 from handlers.requests import PredictOptions, TaskResult, TensorSpec, TextInput
 from handlers.sentence_stack import Dense, SentenceStack, read_stack
 from settings.arguments import ServerArguments
 from settings.loading import ModelSource
 from settings.tasks import Task
 
-_PROMPT_LENGTH = "prompt_length"
+# Per token, 1 where the prompt stands: pooling leaves those tokens out when include_prompt is false.
+_PROMPT_MASK = "prompt_mask"
 
 
 class TextEmbeddingHandler(PredictiveHandler):
@@ -31,7 +33,6 @@ class TextEmbeddingHandler(PredictiveHandler):
     def __init__(self, source: ModelSource, args: ServerArguments) -> None:
         super().__init__(source, args)
         self.stack: SentenceStack = read_stack(source.path)
-        self._local = threading.local()  # per-call prompt lengths (include_prompt=false)
         self.dense: list[Dense] = []
         # The folder's max_seq_length, unless max_model_len was set explicitly (then the argument wins).
         if self.stack.max_seq_length is not None and args.max_model_len is None:
@@ -105,48 +106,37 @@ class TextEmbeddingHandler(PredictiveHandler):
         ids = self.tokenizer(prompt, add_special_tokens=self.args.add_special_tokens)["input_ids"]
         return len(ids) - (1 if ids and ids[-1] in self.tokenizer.all_special_ids else 0)
 
-    def predict_many(self, requests: list[tuple[list[TextInput], PredictOptions]]) -> list[TaskResult | ServingError]:
+    def encode(self, texts: list[TextInput], options: PredictOptions, tokenizer: Any = None) -> Encoded:
+        encoded = super().encode(texts, options, tokenizer)
         if self.stack.include_prompt:
-            return super().predict_many(requests)
-        # Each row's prompt length rides along as an extra "tensor", sliced with the rows and read in forward.
-        self._local.prompt_lengths = [
-            0 if not isinstance(text, str) else self.prompt_length(self.prompt(options))
-            for texts, options in requests
-            for text in texts
+            return encoded
+        length = self.prompt_length(self.prompt(options))
+        encoded.features[_PROMPT_MASK] = [
+            [int(isinstance(text, str) and position < length) for position in range(len(ids))]
+            for text, ids in zip(texts, encoded.features["input_ids"], strict=True)
         ]
-        try:
-            return super().predict_many(requests)
-        finally:
-            self._local.prompt_lengths = None
-
-    def tokenize(self, texts: list[TextInput], need_offsets: bool) -> dict[str, torch.Tensor]:
-        encoding = super().tokenize(texts, need_offsets)
-        lengths = getattr(self._local, "prompt_lengths", None)
-        if lengths is not None:
-            encoding[_PROMPT_LENGTH] = torch.tensor(lengths, dtype=torch.long)
-        return encoding
+        return encoded
 
     # --- the work ---
 
     def forward(self, model_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         model_inputs = dict(model_inputs)
-        prompt_lengths = model_inputs.pop(_PROMPT_LENGTH, None)
+        prompt_mask = model_inputs.pop(_PROMPT_MASK, None)
         hidden = self.model_output(model_inputs)
         mask = model_inputs["attention_mask"]
-        if prompt_lengths is not None:  # right padding: a row's prompt is its first tokens
-            positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
-            mask = mask.masked_fill(positions < prompt_lengths.unsqueeze(1), 0)
+        if prompt_mask is not None:
+            mask = mask.masked_fill(prompt_mask.bool(), 0)
         vectors = pool(hidden, mask, self.stack.pooling)
         for layer in self.dense:
             vectors = layer(vectors)
-        return F.normalize(vectors, p=2, dim=1) if self.stack.normalize else vectors
+        return vectors
 
     def postprocess(self, batch: ForwardBatch, rows: EncodedRows, options: PredictOptions) -> TaskResult:
         vectors = batch.outputs[rows.start : rows.stop]
         if options.dimensions is not None and options.dimensions < vectors.shape[1]:
-            vectors = vectors[:, : options.dimensions]
-            if self.stack.normalize:  # Matryoshka: a normalised model's truncated vectors are normalised again
-                vectors = F.normalize(vectors, p=2, dim=1)
+            vectors = vectors[:, : options.dimensions]  # Matryoshka: truncate, then normalise as the model does
+        if self.stack.normalize if options.normalize is None else options.normalize:  # per request (TEI's normalize)
+            vectors = F.normalize(vectors, p=2, dim=1)
         return TaskResult({"output-0": vectors.tolist()}, self.token_count(batch, rows))
 
 

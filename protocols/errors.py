@@ -58,3 +58,12 @@ def openai_error_body(error: ServingError) -> dict[str, Any]:
             "code": error.status_code,
         }
     }
+
+
+# TEI's and TGI's error_type per status; huggingface_hub turns "validation" and "overloaded" into typed errors.
+_TEI_ERROR_TYPES = {400: "validation", 404: "validation", 415: "validation", 429: "overloaded", 503: "unhealthy"}
+
+
+def tei_error_body(error: ServingError) -> dict[str, Any]:
+    """TEI's and TGI's error body: {"error": "message", "error_type": "validation" | "overloaded" | ...}."""
+    return {"error": error.message, "error_type": _TEI_ERROR_TYPES.get(error.status_code, "backend")}

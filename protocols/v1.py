@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
+from annotated_types import Len
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from handlers.errors import InvalidInput
 from handlers.requests import RequestOptions, TaskResult
 from protocols.errors import invalid_from_validation
+
+# A (query, document) pair for rerank models.
+TextPair = Annotated[list[StrictStr], Len(2, 2)]
 
 
 class V1PredictRequest(BaseModel):
@@ -16,8 +20,10 @@ class V1PredictRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    instances: list[StrictStr] | None = None
-    inputs: list[StrictStr] | None = None
+    instances: list[StrictStr | TextPair] | None = Field(
+        None, description="Texts; on rerank models, [query, document] pairs (scored in order)."
+    )
+    inputs: list[StrictStr | TextPair] | None = None
     parameters: RequestOptions | None = Field(None, description="Per-request options (not in KServe).")
 
 
@@ -42,7 +48,8 @@ class RootResponse(BaseModel):
     status: str = Field(examples=["alive"])
 
 
-def parse_predict_request(body: bytes) -> tuple[list[str], RequestOptions | None]:
+def parse_predict_request(body: bytes) -> tuple[list[Any], RequestOptions | None]:
+    """The texts (pairs as tuples) and options of a V1 request."""
     try:
         request = V1PredictRequest.model_validate_json(body)
     except ValidationError as error:
@@ -54,7 +61,7 @@ def parse_predict_request(body: bytes) -> tuple[list[str], RequestOptions | None
         raise InvalidInput("the V1 request needs an 'instances' list of strings")
     if not texts:
         raise InvalidInput("'instances' is empty: send at least one string")
-    return texts, request.parameters
+    return [tuple(item) if isinstance(item, list) else item for item in texts], request.parameters
 
 
 def predict_response(result: TaskResult) -> dict[str, Any]:

@@ -105,6 +105,14 @@ class ParsedInfer:
     options: RequestOptions
     requested_outputs: list[RequestOutput] | None
     binary_output: bool
+    input_shape: list[int] | None = None
+
+    def text_pairs(self) -> list[tuple[str, str]]:
+        """The input as (query, document) pairs, for rerank models: a BYTES tensor of shape [N, 2]."""
+        shape = self.input_shape or []
+        if len(shape) != 2 or shape[1] != 2:
+            raise InvalidInput(f"a rerank model takes one BYTES input of shape [N, 2] (query, document); got {shape}")
+        return [(self.texts[i], self.texts[i + 1]) for i in range(0, len(self.texts), 2)]
 
 
 def parse_infer_request(body: bytes, content_type: str, header_length: str | None) -> ParsedInfer:
@@ -128,7 +136,7 @@ def parse_infer_request(body: bytes, content_type: str, header_length: str | Non
     binary_output = bool((request.parameters or {}).get("binary_data_output", False)) or any(
         (output.parameters or {}).get("binary_data", False) for output in request.outputs or []
     )
-    return ParsedInfer(request.id, texts, options, request.outputs, binary_output)
+    return ParsedInfer(request.id, texts, options, request.outputs, binary_output, tensor.shape)
 
 
 def require_one_input(names: list[str]) -> None:

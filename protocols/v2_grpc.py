@@ -30,6 +30,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from handlers.errors import InvalidInput, ModelNotFound, ServingError
 from handlers.requests import TaskResult, TensorSpec
 from protocols import v2, v2_binary
+from settings.tasks import Task
 
 if TYPE_CHECKING:  # the runtime module imports torch; this one need not
     from engines.encoder_runtime import PredictiveRuntime
@@ -118,7 +119,7 @@ def parse_infer_request(request: pb.ModelInferRequest) -> v2.ParsedInfer:
     options = v2.request_options(parameters_dict(request.parameters), parameters_dict(tensor.parameters))
     requested = [v2.RequestOutput(name=output.name) for output in request.outputs] or None
     # gRPC outputs are always raw bytes (raw_output_contents): binary_output is moot here.
-    return v2.ParsedInfer(request.id or None, texts, options, requested, binary_output=True)
+    return v2.ParsedInfer(request.id or None, texts, options, requested, binary_output=True, input_shape=shape)
 
 
 # --- responses ---
@@ -235,11 +236,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         options = self.runtime.options_for(parsed.options)
         specs = self.runtime.handler.output_specs(options)
         v2.select_outputs(specs, parsed.requested_outputs)  # unknown output names fail before the model runs
+        inputs: list[Any] = parsed.text_pairs() if self.runtime.source.task == Task.rerank else parsed.texts
         if self.timer is not None:
             self.timer.observe("preprocess", started)
-            result = await self.timer.run("predict", lambda: self.runtime.predict(parsed.texts, options))
+            result = await self.timer.run("predict", lambda: self.runtime.predict(inputs, options))
         else:
-            result = await self.runtime.predict(parsed.texts, options)
+            result = await self.runtime.predict(inputs, options)
         started = time.perf_counter()
         response = infer_response(self.model_name, parsed, result, specs)
         if self.timer is not None:

@@ -8,7 +8,7 @@ import logging
 import time
 import zlib
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import bentoml
 import orjson
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from settings.arguments import ServerArguments
 
 OPENAI_PREFIX = "/openai"
+_T = TypeVar("_T")
 
 # Content types a body may carry. curl's -d default (form-urlencoded) is accepted as KServe does.
 _JSON_TYPES = {"", "application/json", "application/x-www-form-urlencoded", "text/plain"}
@@ -53,7 +54,7 @@ class Timer:
         self.model_name = model_name
         self.latency_logging = latency_logging
 
-    async def run(self, stage: str, work: Callable[[], Awaitable[TaskResult]]) -> TaskResult:
+    async def run(self, stage: str, work: Callable[[], Awaitable[_T]]) -> _T:
         started = time.perf_counter()
         try:
             return await work()
@@ -96,6 +97,13 @@ def check_model_name(served: ServedModel, name: str | None) -> None:
 
 async def predict(served: ServedModel, texts: list[TextInput], options: Any) -> TaskResult:
     return await served.timer.run("predict", lambda: served.runtime.predict(texts, options))
+
+
+def predictive_runtime(served: ServedModel, needs: str) -> PredictiveRuntime:
+    """The encoder runtime, or a 400 saying what the route needs when the model is generative."""
+    if served.generation is not None:
+        raise InvalidInput(f"model '{served.args.model_name}' serves {served.runtime.source.task.value}; {needs}")
+    return served.runtime  # type: ignore[return-value]
 
 
 def json_response(body: Any, status_code: int = 200) -> Response:

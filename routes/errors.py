@@ -15,8 +15,9 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from handlers.errors import InvalidInput, ServingError
-from protocols.errors import kserve_error_body, openai_error_body
+from protocols.errors import kserve_error_body, openai_error_body, tei_error_body
 from routes.common import OPENAI_PREFIX, json_response
+from routes.tei import TEI_PATHS
 
 logger = logging.getLogger("hf_bentoml_server")
 
@@ -31,7 +32,14 @@ def request_id_of(scope: dict[str, Any]) -> str:
 
 
 def error_body(path: str, error: ServingError, request_id: str) -> dict[str, Any]:
-    body = openai_error_body(error) if path.startswith(OPENAI_PREFIX) else kserve_error_body(error)
+    """The error in the shape of the protocol `path` belongs to: OpenAI (and the Cohere/Jina rerank route,
+    whose clients read OpenAI's shape), TEI/TGI, else KServe V1/V2."""
+    if path.startswith(OPENAI_PREFIX) or path == "/v1/rerank":
+        body = openai_error_body(error)
+    elif path in TEI_PATHS:
+        body = tei_error_body(error)
+    else:
+        body = kserve_error_body(error)
     body["request_id"] = request_id
     return body
 

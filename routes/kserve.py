@@ -20,6 +20,7 @@ from routes.common import (
     require_json,
 )
 from routes.openapi import errors, request_body
+from settings.tasks import Task
 
 
 def build_router(served: ServedModel) -> APIRouter:
@@ -122,7 +123,8 @@ def build_router(served: ServedModel) -> APIRouter:
         specs = served.runtime.handler.output_specs(options)
         v2.select_outputs(specs, parsed.requested_outputs)  # unknown output names fail before the model runs
         timer.observe("preprocess", started)
-        result = await predict(served, parsed.texts, options)
+        inputs: list[Any] = parsed.text_pairs() if served.runtime.source.task == Task.rerank else parsed.texts
+        result = await predict(served, inputs, options)
         started = time.perf_counter()
         body, media_type, header_length = v2.infer_response(name, parsed, result, specs)
         headers = {v2_binary.HEADER_LENGTH: str(header_length)} if header_length is not None else None

@@ -170,6 +170,11 @@ def inspect_model(args: ServerArguments) -> ModelSource:
         tokenizer = load_tokenizer(path, args)
     except Exception as error:
         raise ModelLoadError(f"cannot load the tokenizer in '{path}': {error}") from None
+    if task == Task.rerank and int(getattr(config, "num_labels", 0)) != 1:
+        raise ModelLoadError(
+            f"task rerank needs a cross-encoder with one label (a *ForSequenceClassification); "
+            f"'{path}' has num_labels={getattr(config, 'num_labels', None)}"
+        )
     device = resolve_device(args)
     return ModelSource(
         path=path,

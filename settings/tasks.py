@@ -13,6 +13,7 @@ class Task(StrEnum):
     token_classification = "token_classification"
     fill_mask = "fill_mask"
     text_embedding = "text_embedding"
+    rerank = "rerank"
     text_generation = "text_generation"
     text2text_generation = "text2text_generation"
 
@@ -57,8 +58,38 @@ def is_sentence_transformers_folder(model_path: Path) -> bool:
     return (model_path / "modules.json").is_file() or (model_path / "1_Pooling" / "config.json").is_file()
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        parsed = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def cross_encoder_activation(model_path: Path) -> str | None:
+    """The activation a sentence-transformers CrossEncoder folder names (None: not such a folder).
+
+    Recognised: `config_sentence_transformers.json` with model_type "CrossEncoder" (v6), config.json's
+    `sentence_transformers.activation_fn` (v4, v5) or `sbert_ce_default_activation_function` (older).
+
+    "" means a CrossEncoder folder that names none (sentence-transformers then uses sigmoid for one label).
+    """
+    st_config = _read_json(model_path / "config_sentence_transformers.json")
+    if st_config.get("model_type") == "CrossEncoder":
+        return str(st_config.get("activation_fn") or "")
+    config = _read_json(model_path / "config.json")
+    nested = config.get("sentence_transformers")
+    if isinstance(nested, dict) and "activation_fn" in nested:
+        return str(nested["activation_fn"] or "")
+    if config.get("sbert_ce_default_activation_function"):
+        return str(config["sbert_ce_default_activation_function"])
+    return None
+
+
 def infer_task(architectures: list[str] | None, model_path: Path | None = None) -> Task:
     """The task for a model, from its folder layout and config.architectures[0]."""
+    if model_path is not None and cross_encoder_activation(model_path) is not None:
+        return Task.rerank
     if model_path is not None and is_sentence_transformers_folder(model_path):
         return Task.text_embedding
     if not architectures:

@@ -69,7 +69,7 @@ def build_cached_tiny_models() -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_models() -> dict[str, Path]:
     """Folders of tiny random models: sequence_classification, token_classification, fill_mask,
-    bert_model, sentence_transformers, llama, t5 (see tests/tiny_models.py)."""
+    bert_model, sentence_transformers, cross_encoder, llama, t5 (see tests/tiny_models.py)."""
     return build_cached_tiny_models()
 
 

@@ -280,7 +280,9 @@ def test_fill_mask_top_k_equals_pipeline(paths):
             got, want = [got], [want]
         assert len(got) == len(want) == text.count("[MASK]")
         for got_mask, want_mask in zip(got, want, strict=True):
-            assert [(g["token"], g["token_str"]) for g in got_mask] == [(w["token"], w["token_str"]) for w in want_mask]
+            assert [(g["token"], g["token_str"], g["sequence"]) for g in got_mask] == [
+                (w["token"], w["token_str"], w["sequence"]) for w in want_mask
+            ]
             assert [g["score"] for g in got_mask] == pytest.approx([float(w["score"]) for w in want_mask], abs=1e-6)
 
 

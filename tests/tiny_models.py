@@ -252,6 +252,22 @@ def build_sentence_transformers(folder: Path, tokenizer: BertTokenizerFast) -> P
     return folder
 
 
+def build_cross_encoder(folder: Path, tokenizer: BertTokenizerFast) -> Path:
+    """A sentence-transformers CrossEncoder folder (v6 layout, JSON written by hand): a one-label
+    BertForSequenceClassification with modules.json and config_sentence_transformers.json naming it."""
+    torch.manual_seed(SEED + 7)
+    model = BertForSequenceClassification(_bert_config(tokenizer, 0.2, num_labels=1))
+    _save(model, tokenizer, folder)
+    transformer_type = "sentence_transformers.base.modules.transformer.Transformer"
+    modules = [{"idx": 0, "name": "0", "path": "", "type": transformer_type}]
+    st_config = {"model_type": "CrossEncoder", "activation_fn": "torch.nn.modules.activation.Sigmoid", "prompts": {}}
+    transformer = {"transformer_task": "sequence-classification", "module_output_name": "scores"}
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2))
+    (folder / "sentence_bert_config.json").write_text(json.dumps(transformer, indent=2))
+    return folder
+
+
 # --- generative models (for the text generation handlers) ---
 
 
@@ -320,6 +336,7 @@ BERT_BUILDERS: dict[str, Callable[[Path, BertTokenizerFast], Path]] = {
     "fill_mask": build_fill_mask,
     "bert_model": build_bert_model,
     "sentence_transformers": build_sentence_transformers,
+    "cross_encoder": build_cross_encoder,
 }
 
 
