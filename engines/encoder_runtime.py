@@ -13,7 +13,7 @@ import threading
 import time
 
 from engines.batcher import MicroBatcher
-from handlers.base import PredictiveHandler
+from handlers.base import PredictiveHandler, is_pair
 from handlers.encoding import Encoded, first_cut
 from handlers.errors import InputTooLarge, InvalidInput, NotReady, ServingError
 from handlers.registry import handler_class_for
@@ -126,7 +126,7 @@ class PredictiveRuntime:
         if self._batcher is None or not self.ready:
             raise self.not_ready_error()
         self.check_limits(texts)
-        if self.source.task not in _PAIR_TASKS and not all(isinstance(text, str) for text in texts):
+        if self.source.task not in _PAIR_TASKS and any(map(is_pair, texts)):
             raise InvalidInput("text pairs are served by rerank and sequence_classification models; send strings")
         self.handler.validate(texts, options)
         self._log_request(texts)
