@@ -474,24 +474,3 @@ def test_disable_lower_case_keeps_the_case(paths):
     cased = predict(make_handler(path, disable_lower_case=True), [text], return_raw_logits=True)
     uncased = predict(make_handler(path), [text], return_raw_logits=True)
     assert list(cased.predictions[0].values()) != pytest.approx(list(uncased.predictions[0].values()), abs=1e-6)
-
-
-def test_short_requests_are_answered_before_a_long_ones_pass(paths, monkeypatch):
-    """In one batch, rows run shortest pass first and a request is answered when its last row is done."""
-    handler = make_handler(paths["sequence_classification"])
-    events: list[tuple[str, object]] = []
-    forward = handler.forward
-
-    def recording_forward(inputs):
-        events.append(("forward", int(inputs["input_ids"].shape[1])))
-        return forward(inputs)
-
-    monkeypatch.setattr(handler, "forward", recording_forward)
-    short = ["hello world, how are you today my good friend?"] * 8
-    long = ["paris " * 100]
-    encoded = [handler.encode(long, PredictOptions()), handler.encode(short, PredictOptions())]
-    results = handler.run(encoded, on_result=lambda index, result: events.append(("answer", index)))
-    assert [kind for kind, _ in events] == ["forward", "answer", "forward", "answer"]
-    assert events[1] == ("answer", 1) and events[3] == ("answer", 0)  # the short request first
-    assert events[0][1] < events[2][1]  # its pass was padded to its own length, not the long one's
-    assert [r.predictions for r in results] == [predict(handler, long).predictions, predict(handler, short).predictions]
