@@ -72,12 +72,14 @@ class MicroBatcher(Generic[Work, Result]):
         prepare: Callable[[Work, int], Any] = _identity,
         cost: Callable[[Any], tuple[int, int]] | None = None,
         is_large: Callable[[Work], bool] | None = None,
+        streams_results: bool = False,
         name: str = "batcher",
     ) -> None:
         self._process = process
         self._prepare = prepare
         self._cost = cost
         self._is_large = is_large
+        self._streams_results = streams_results
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_s
@@ -200,8 +202,13 @@ class MicroBatcher(Generic[Work, Result]):
                 self._run_batch(live)
 
     def _run_batch(self, batch: list[_Pending[Work, Result]]) -> None:
+        works = [item.prepared if item.prepared is not None else item.work for item in batch]
         try:
-            results = self._process([item.prepared if item.prepared is not None else item.work for item in batch])
+            if self._streams_results:
+                # process(works, on_result) answers each item as soon as it is done; the rest are checked below.
+                results = self._process(works, lambda index, result: _resolve(batch[index], result))  # type: ignore[call-arg]
+                return
+            results = self._process(works)
         except ServingError as error:
             for item in batch:
                 _resolve(item, error)

@@ -83,6 +83,7 @@ class PredictiveRuntime:
             cost=lambda encoded: encoded.cost,
             is_large=lambda work: sum(map(input_size, work[0])) > large_chars,
             max_batch_tokens=self.args.max_batch_tokens,
+            streams_results=True,
             max_batch_size=self.args.max_batch_size,
             max_wait_s=self.args.max_wait_ms / 1000,
             max_queue_size=self.args.max_queue_size,

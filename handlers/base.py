@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -153,64 +154,75 @@ class PredictiveHandler(ABC):
         features = {key: [row.get(key, [fills.get(key, 0)] * len(row["input_ids"])) for row in rows] for key in keys}
         return Encoded(texts, options, features)
 
-    def run(self, requests: list[Encoded]) -> list[TaskResult | ServingError]:
+    def run(
+        self,
+        requests: list[Encoded],
+        on_result: Callable[[int, TaskResult | ServingError], None] | None = None,
+    ) -> list[TaskResult | ServingError]:
         """Forward several tokenized requests together (on the forward thread); one result per request.
 
         Rows are sorted by length and run in passes, each padded to its own longest row and kept within
-        max_batch_tokens, so short rows do not pay for a long one's padding; outputs come back in row order.
+        max_batch_tokens, so short rows do not pay for a long one's padding. Shortest passes run first, and a
+        request is post-processed (and handed to `on_result`) as soon as its last row is done: small requests
+        batched beside a long one are answered before the long one's pass runs.
         """
         assert self.model is not None or self.remote is not None, "predict before load"
         order = [(r, i) for r, encoded in enumerate(requests) for i in range(len(encoded.texts))]
         lengths = [len(requests[r].features["input_ids"][i]) for r, i in order]
-        batch_len = max(lengths, default=1)
-        passes = plan_passes(lengths, self.args.max_batch_tokens)
-        pieces: list[tuple[list[int], torch.Tensor]] = []
-        with self._lock, torch.inference_mode():
-            for indices in passes:
-                rows = [order[i] for i in indices]
-                length = max(lengths[i] for i in indices)
-                tensors = pad_rows(requests, rows, length, self.tokenizer)
-                tensors.pop("offset_mapping", None)
-                model_inputs = {k: v.to(self.source.device) for k, v in tensors.items()}
-                pieces.append((indices, self.forward(model_inputs).float().cpu()))
-        outputs = self._merge(pieces, len(order), batch_len)
-        encoding = pad_rows(requests, order, batch_len, self.tokenizer)
-        rows_of: list[EncodedRows] = []
-        start = 0
+        starts = [0]
         for encoded in requests:
-            stop = start + len(encoded.texts)
-            rows_of.append(EncodedRows(start, stop, max(lengths[start:stop], default=1)))
-            start = stop
-        texts = [text for encoded in requests for text in encoded.texts]
-        batch = ForwardBatch(encoding=encoding, outputs=outputs, rows=rows_of, texts=texts)
-        results: list[TaskResult | ServingError] = []
-        for request_rows, encoded in zip(rows_of, requests, strict=True):
-            try:
-                results.append(self.postprocess(batch, request_rows, encoded.options))
-            except ServingError as error:  # one request's problem must not fail the others in its batch
-                results.append(error)
-        return results
+            starts.append(starts[-1] + len(encoded.texts))
+        remaining = [len(encoded.texts) for encoded in requests]
+        row_outputs: list[torch.Tensor | None] = [None] * len(order)
+        results: list[TaskResult | ServingError | None] = [None] * len(requests)
+        with self._lock, torch.inference_mode():
+            for indices in plan_passes(lengths, self.args.max_batch_tokens):
+                length = max(lengths[i] for i in indices)
+                tensors = pad_rows(requests, [order[i] for i in indices], length, self.tokenizer)
+                tensors.pop("offset_mapping", None)
+                output = self.forward({k: v.to(self.source.device) for k, v in tensors.items()}).float().cpu()
+                for k, index in enumerate(indices):
+                    row_outputs[index] = output[k]
+                    request = order[index][0]
+                    remaining[request] -= 1
+                    if remaining[request] == 0:
+                        rows = row_outputs[starts[request] : starts[request + 1]]
+                        results[request] = self._finish(requests[request], rows, lengths, starts[request])
+                        if on_result is not None:
+                            on_result(request, results[request])
+        return [result for result in results if result is not None]
 
     # Whether dimension 1 of the forward output follows the tokens (padded like them) or is the task's own.
     per_token_output: ClassVar[bool] = False
 
-    def _merge(self, pieces: list[tuple[list[int], torch.Tensor]], count: int, batch_len: int) -> torch.Tensor:
-        """The passes' outputs back in row order; 3-D outputs padded along dimension 1 to a common size."""
-        first = pieces[0][1]
-        if first.dim() == 2:
-            merged = torch.empty((count, first.shape[1]), dtype=first.dtype)
-            for indices, output in pieces:
-                merged[indices] = output
-            return merged
-        width = batch_len if self.per_token_output else max(output.shape[1] for _, output in pieces)
+    def _finish(
+        self, encoded: Encoded, rows: list[torch.Tensor | None], lengths: list[int], start: int
+    ) -> TaskResult | ServingError:
+        """One request's result from its rows' outputs, padded to the request's own longest input."""
+        count = len(encoded.texts)
+        padded_len = max(lengths[start : start + count], default=1)
+        outputs = self._stack([row for row in rows if row is not None], padded_len)
+        encoding = pad_rows([encoded], [(0, i) for i in range(count)], padded_len, self.tokenizer)
+        batch = ForwardBatch(encoding=encoding, outputs=outputs, rows=[], texts=encoded.texts)
+        try:
+            return self.postprocess(batch, EncodedRows(0, count, padded_len), encoded.options)
+        except ServingError as error:  # one request's problem must not fail the others in its batch
+            return error
+
+    def _stack(self, rows: list[torch.Tensor], padded_len: int) -> torch.Tensor:
+        """Rows from passes of different widths as one tensor; per-token rows fit to `padded_len`."""
+        if rows[0].dim() == 1:
+            return torch.stack(rows)
+        width = padded_len if self.per_token_output else max(row.shape[0] for row in rows)
         left = self.per_token_output and self.tokenizer.padding_side == "left"
-        merged = torch.zeros((count, width, first.shape[2]), dtype=first.dtype)
-        for indices, output in pieces:
+        stacked = torch.zeros((len(rows), width, rows[0].shape[1]), dtype=rows[0].dtype)
+        for i, row in enumerate(rows):
+            keep = min(width, row.shape[0])
             if left:
-                merged[indices, width - output.shape[1] :] = output
+                stacked[i, width - keep :] = row[row.shape[0] - keep :]
             else:
-                merged[indices, : output.shape[1]] = output
-        return merged
+                stacked[i, :keep] = row[:keep]
+        return stacked
 
     def hidden_states(self, texts: list[str]) -> list[list[list[float]]]:
         """Each input's per-token model output without padding (TEI's /embed_all on encoders); one pass,
@@ -256,7 +268,7 @@ class PredictiveHandler(ABC):
         return int(batch.encoding["attention_mask"][rows.start : rows.stop].sum())
 
 
-def plan_passes(lengths: list[int], max_batch_tokens: int, min_pass_tokens: int = 512) -> list[list[int]]:
+def plan_passes(lengths: list[int], max_batch_tokens: int, min_pass_tokens: int = 64) -> list[list[int]]:
     """Rows (indices into `lengths`) grouped into forward passes, shortest first.
 
     A pass closes when the next row would take it past `max_batch_tokens` (rows x its longest row), or when
