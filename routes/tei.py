@@ -75,9 +75,10 @@ def build_router(served: ServedModel) -> APIRouter:
     async def embed(request: tei.EmbedRequest) -> list[list[float]]:
         runtime = encoder(Task.text_embedding, "/embed")
         rerank.check_truncation_direction(request.truncation_direction)
-        _refuse_prompt_name(request.prompt_name)
         texts, _ = tei.texts_of(request.inputs)
-        options = dataclasses.replace(runtime.options_for(None), normalize=False)  # normalised below, after cutting
+        # The folder's prompts (config_sentence_transformers.json), as TEI reads them; normalised below, after cutting.
+        request_options = RequestOptions(prompt_name=request.prompt_name) if request.prompt_name else None
+        options = dataclasses.replace(runtime.options_for(request_options), normalize=False)
         result = await predict(served, texts, options)
         return tei.embeddings(result.predictions, request.dimensions, request.normalize)
 
@@ -268,7 +269,7 @@ def _sse(events: Any) -> StreamingResponse:
 
 def _refuse_prompt_name(prompt_name: str | None) -> None:
     if prompt_name is not None:
-        raise InvalidInput("prompt_name is not supported yet: this server does not read the model's prompts")
+        raise InvalidInput("prompt_name is taken by /embed; this route does not put the model's prompts before texts")
 
 
 def _refuse_parameters(parameters: tei.PipelineParameters, *allowed: str) -> None:

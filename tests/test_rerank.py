@@ -176,7 +176,8 @@ def test_tei_rerank_and_post_root(url, expected, tiny_models):
     assert np.allclose([r["score"] for r in raw], logits[order], atol=1e-5)
 
     empty = httpx.post(url + "/rerank", json={"query": QUERY, "texts": []}, timeout=60)
-    assert empty.status_code == 400 and empty.json() == {"error": "`texts` cannot be empty", "error_type": "validation"}
+    assert empty.status_code == 400
+    assert empty.json().items() >= {"error": "`texts` cannot be empty", "error_type": "validation"}.items()
 
 
 def test_tei_predict_scores_pairs(url, expected):

@@ -174,3 +174,12 @@ def test_v1_and_v2_take_dimensions_and_prompt_name(server, encoder):
     assert np.allclose(
         np.reshape(output["data"], (3, 8)), encoder.encode(TEXTS, truncate_dim=8, normalize_embeddings=True), atol=1e-5
     )
+
+
+def test_tei_embed_takes_prompt_name(server, encoder):
+    """TEI's /embed puts the named prompt before each text, as TEI and `encode(prompt_name=...)` do."""
+    got = httpx.post(f"{server}/embed", json={"inputs": TEXTS, "prompt_name": "query"}, timeout=30)
+    assert got.status_code == 200, got.text
+    assert np.allclose(got.json(), encoder.encode(TEXTS, prompt_name="query"), atol=1e-5)
+    unknown = httpx.post(f"{server}/embed", json={"inputs": TEXTS, "prompt_name": "nope"}, timeout=30)
+    assert unknown.status_code == 400 and "nope" in unknown.json()["error"]

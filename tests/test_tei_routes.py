@@ -162,18 +162,18 @@ def test_tokenize_decode_info_and_health(servers, tiny_models):
 def test_wrong_task_is_a_400_in_teis_error_shape(servers):
     response = httpx.post(servers["token_classification"] + "/embed", json={"inputs": "hello"})
     assert response.status_code == 400
-    assert response.json() == {
+    assert response.json().items() >= {
         "error": "model 'model' serves token_classification; /embed needs text_embedding",
         "error_type": "validation",
-    }
+    }.items()
     targets = httpx.post(servers["fill_mask"], json={"inputs": "a [MASK]", "parameters": {"targets": ["paris"]}})
     assert targets.status_code == 400
-    assert targets.json() == {
+    assert targets.json().items() >= {
         "error": "parameters targets are not supported by this server",
         "error_type": "validation",
-    }
-    for name, value in (("prompt_name", "query"), ("truncation_direction", "left")):
-        refused = httpx.post(servers["embedding"] + "/embed", json={"inputs": "hello", name: value})
+    }.items()
+    for path, name, value in (("/embed_all", "prompt_name", "query"), ("/embed", "truncation_direction", "left")):
+        refused = httpx.post(servers["embedding"] + path, json={"inputs": "hello", name: value})
         assert refused.status_code == 400 and name in refused.json()["error"], refused.text
     generate = httpx.post(servers["embedding"] + "/generate", json={"inputs": "hello"})
     assert generate.status_code == 400 and generate.json()["error_type"] == "validation"
@@ -228,4 +228,5 @@ def test_generation_stop_sequence(servers, tiny_models):
 def test_generation_refuses_what_it_cannot_honour(servers):
     response = httpx.post(servers["llama"] + "/generate", json={"inputs": PROMPT, "parameters": {"watermark": True}})
     assert response.status_code == 400
-    assert response.json() == {"error": "'watermark' is not supported by this server", "error_type": "validation"}
+    expected = {"error": "'watermark' is not supported by this server", "error_type": "validation"}
+    assert response.json().items() >= expected.items()
