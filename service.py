@@ -24,7 +24,8 @@ from routes import kserve as kserve_routes
 from routes import openai as openai_routes
 from routes.common import Timer
 from routes.errors import install_error_handlers
-from routes.guard import Lifecycle, RequestGuard
+from routes.guard import RequestGuard
+from routes.lifecycle import Lifecycle
 from routes.openapi import install_openapi
 from settings.arguments import ArgumentError, ServerArguments, parse_arguments
 from settings.loading import ModelLoadError, ModelSource, apply_torch_threads, inspect_model
@@ -136,6 +137,7 @@ class HuggingFaceService:  # routes are mounted per instance in __init__
         """The generation engine and the gRPC service (KServe's port 8081) live in this worker's event loop."""
         if isinstance(self.runtime, GenerativeRuntime):
             self.runtime.start_loading()
+        LIFECYCLE.drain_on_sigterm(self.args.shutdown_grace_s)
         if self.args.grpc_port is not None:
             self.grpc_server = await v2_grpc.start_grpc_server(
                 self.runtime,
@@ -156,4 +158,4 @@ class HuggingFaceService:  # routes are mounted per instance in __init__
             await self.runtime.stop()
 
     def __is_ready__(self) -> bool:
-        return self.runtime.ready
+        return self.runtime.ready and not LIFECYCLE.draining
