@@ -67,7 +67,12 @@ class GenerativeRuntime:
     @property
     def ready(self) -> bool:
         """Started, and the engine has not died since (a dead engine turns readiness to 503)."""
-        return self._started and self.backend.dead_reason is None
+        return self._started and self.dead_reason is None
+
+    @property
+    def dead_reason(self) -> str | None:
+        """The backend's `dead_reason` (both backends have one; optional for other GenerationBackends)."""
+        return getattr(self.backend, "dead_reason", None)
 
     async def stop(self) -> None:
         if self._loading is not None and not self._loading.done():
@@ -77,7 +82,7 @@ class GenerativeRuntime:
             await self.backend.stop()
 
     def not_ready_error(self) -> NotReady:
-        dead = self.backend.dead_reason if self._started else None
+        dead = self.dead_reason if self._started else None
         if dead is not None:
             return NotReady(f"model '{self.args.model_name}': the generation engine died ({dead}); restart the server")
         return NotReady.for_model(self.args.model_name, self.load_error)

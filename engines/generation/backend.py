@@ -196,11 +196,6 @@ class GenerationBackend(Protocol):
     sampling_defaults: Mapping[str, Any]
     """SamplingOptions fields set by the model's generation_config (precedence level 2)."""
 
-    @property
-    def dead_reason(self) -> str | None:
-        """Why the engine died while it should run, else None; readiness turns 503 and requests get 503."""
-        ...
-
     def unsupported(self, sampling: SamplingOptions) -> str | None:
         """The name of an option this backend cannot honour (the route answers 400), else None."""
         ...
