@@ -29,7 +29,8 @@ from routes import tei as tei_routes
 from routes.cancellation import CancelOnDisconnect
 from routes.common import Timer
 from routes.errors import install_error_handlers
-from routes.guard import Lifecycle, RequestGuard
+from routes.guard import RequestGuard
+from routes.lifecycle import Lifecycle
 from routes.openapi import install_openapi
 from settings.arguments import ArgumentError, ServerArguments, parse_arguments
 from settings.loading import ModelLoadError, ModelSource, apply_log_config, apply_torch_threads, inspect_model
@@ -149,6 +150,7 @@ class HuggingFaceService:  # routes are mounted per instance in __init__
         if self.args.max_asyncio_workers is not None:
             executor = concurrent.futures.ThreadPoolExecutor(self.args.max_asyncio_workers, "asyncio-worker")
             asyncio.get_running_loop().set_default_executor(executor)
+        LIFECYCLE.drain_on_sigterm(self.args.shutdown_grace_s)
         if self.args.grpc_port is not None and self.args.enable_grpc:
             self.grpc_server = await v2_grpc.start_grpc_server(
                 self.runtime,
@@ -171,4 +173,4 @@ class HuggingFaceService:  # routes are mounted per instance in __init__
             await self.runtime.stop()
 
     def __is_ready__(self) -> bool:
-        return self.runtime.ready
+        return self.runtime.ready and not LIFECYCLE.draining

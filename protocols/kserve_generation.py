@@ -46,7 +46,7 @@ class GenerativeRuntime:
         self.source = source
         self.handler = GenerationSpecs()
         self.load_error: str | None = None
-        self.ready = False
+        self._started = False
         self._loading: asyncio.Task[None] | None = None
 
     def start_loading(self) -> asyncio.Task[None]:
@@ -61,17 +61,30 @@ class GenerativeRuntime:
             self.load_error = f"{type(error).__name__}: {error}"
             logger.exception("generation backend for '%s' failed to start", self.args.model_name)
             return
-        self.ready = True
+        self._started = True
         logger.info("model '%s' ready on the %s backend", self.args.model_name, self.backend.name)
+
+    @property
+    def ready(self) -> bool:
+        """Started, and the engine has not died since (a dead engine turns readiness to 503)."""
+        return self._started and self.dead_reason is None
+
+    @property
+    def dead_reason(self) -> str | None:
+        """The backend's `dead_reason` (both backends have one; optional for other GenerationBackends)."""
+        return getattr(self.backend, "dead_reason", None)
 
     async def stop(self) -> None:
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
-        if self.ready:
-            self.ready = False
+        if self._started:
+            self._started = False
             await self.backend.stop()
 
     def not_ready_error(self) -> NotReady:
+        dead = self.dead_reason if self._started else None
+        if dead is not None:
+            return NotReady(f"model '{self.args.model_name}': the generation engine died ({dead}); restart the server")
         return NotReady.for_model(self.args.model_name, self.load_error)
 
     def options_for(self, request: RequestOptions | None) -> dict[str, Any]:

@@ -81,7 +81,9 @@ def parse_embedding_request(body: bytes) -> tuple[list[TextInput], EmbeddingRequ
     except ValidationError as error:
         raise invalid_from_validation(error, "embeddings request") from None
     if request.model_extra:
-        logger.info("embeddings request: ignored fields %s", sorted(request.model_extra))
+        # Field names come from the client: a few, each clipped, never the whole (possibly huge) list.
+        names = [name[:64] for name in sorted(request.model_extra)[:10]]
+        logger.info("embeddings request: ignored %d field(s) %s", len(request.model_extra), names)
     given = request.input
     inputs: list[TextInput]
     if isinstance(given, str):

@@ -64,7 +64,7 @@ class RequestGuard:
         self.max_request_bytes = max_request_bytes
         self.retry_after_s = retry_after_s
         self.max_log_len = max_log_len
-        # Anything with a `draining` attribute (the service): True once the server is stopping.
+        # routes.lifecycle.Lifecycle: `draining` turns True on SIGTERM; `in_flight` counts requests being answered.
         self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -111,6 +111,9 @@ class RequestGuard:
                     raise PayloadTooLarge(f"the request body is over max_request_bytes={limit} bytes")
             return message
 
+        state = self.state
+        if state is not None:
+            state.in_flight += 1
         try:
             await self.app(scope, counted_receive, send_with_id)
         except Exception as error:  # a bug: log it once here, answer in the protocol's shape, keep the connection
@@ -120,6 +123,9 @@ class RequestGuard:
                     f"internal server error; the server log has the details under request id {request_id.decode()}"
                 )
                 await self._answer(scope, send_with_id, failure)
+        finally:
+            if state is not None:
+                state.in_flight -= 1
 
     def _refusal(self, scope: Scope, content_length: bytes, authorization: bytes) -> ServingError | None:
         if self.state is not None and getattr(self.state, "draining", False):
@@ -162,10 +168,3 @@ class RequestGuard:
             scope["state"]["request_id"],
             "".join(clip(part, limit) for part in parts),
         )
-
-
-class Lifecycle:
-    """What the guard reads of the server's state: `draining` turns True once the server is stopping."""
-
-    def __init__(self) -> None:
-        self.draining = False

@@ -242,6 +242,12 @@ class ServerArguments(BaseModel):
     retry_after_s: int = Field(
         1, ge=0, description="Seconds in the Retry-After header of 429 (queue full) and 503 (loading, stopping)."
     )
+    shutdown_grace_s: float = Field(
+        25.0,
+        ge=0,
+        description="On SIGTERM, how long requests in flight may take to finish while new ones get 503 before the "
+        "server stops. Default 25 s: inside Kubernetes' default 30 s terminationGracePeriodSeconds.",
+    )
     engine_args: dict[str, Any] = Field(
         default_factory=dict,
         description="vLLM engine arguments given by their own names (e.g. --arg max_num_seqs=64), values as given.",

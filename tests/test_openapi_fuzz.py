@@ -40,6 +40,7 @@ def served(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
         process.stop()
 
 
+@pytest.mark.slow
 def test_no_5xx_and_every_answer_matches_the_document(served: ServerProcess) -> None:
     document = httpx.get(served.url + "/openapi.json", timeout=30).json()
     schema = schemathesis.openapi.from_dict(document)

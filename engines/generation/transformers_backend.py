@@ -353,6 +353,7 @@ class TransformersBackend:
         self._batches: list[_Batch] = []
         self._wake = threading.Condition()
         self._running = False
+        self._dead: str | None = None
         self._thread: threading.Thread | None = None
         self._token_texts: dict[int, str] = {}
         self._eos_ids: set[int] = set()
@@ -448,6 +449,8 @@ class TransformersBackend:
             )
         state = _RequestState(request=request, loop=asyncio.get_running_loop(), queue=asyncio.Queue())
         with self._wake:
+            if self.dead_reason is not None:
+                raise NotReady(f"the generation engine died ({self.dead_reason})")
             if len(self._inbox) + len(self._waiting) >= self.max_queue_size:
                 raise Overloaded(f"{self.max_queue_size} generation requests are waiting; retry later")
             self._inbox.append(state)
@@ -468,7 +471,22 @@ class TransformersBackend:
 
     # ---- the engine thread ----
 
+    @property
+    def dead_reason(self) -> str | None:
+        """Why the engine thread is gone while it should run (None while it is healthy or stopped on purpose)."""
+        if self._dead is None and self._running and self._thread is not None and not self._thread.is_alive():
+            return "the engine thread is gone"
+        return self._dead
+
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as error:  # the loop itself died: fail everyone now, refuse the rest (503), never hang
+            self._dead = f"{type(error).__name__}: {error}"
+            logger.critical("the generation engine died", exc_info=True)
+            self._fail_all(NotReady(f"the generation engine died ({self._dead})"))
+
+    def _loop(self) -> None:
         with torch.inference_mode():
             while True:
                 with self._wake:

@@ -286,10 +286,20 @@ class VLLMBackend:
                 param="max_tokens",
             )
 
+    @property
+    def dead_reason(self) -> str | None:
+        """AsyncLLM's own verdict: `errored` once its engine core or output handler died (EngineDeadError)."""
+        engine = self.engine
+        if engine is None or not engine.errored:
+            return None
+        return f"{type(engine.dead_error).__name__}: {engine.dead_error}"
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         engine = self.engine
         if engine is None:
             raise NotReady("the generation engine is not running")
+        if self.dead_reason is not None:
+            raise NotReady(f"the generation engine died ({self.dead_reason})")
         self._check(request)
         from vllm.exceptions import GracefulHTTPError, VLLMClientError
         from vllm.inputs import TokensPrompt
