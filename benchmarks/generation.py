@@ -29,7 +29,7 @@ import torch
 
 from benchmarks.report import print_table, write_results
 from engines.generation.backend import GenerationRequest, SamplingOptions
-from engines.generation.transformers_backend import TransformersBackend
+from engines.generation.transformers import TransformersBackend
 from settings.arguments import parse_arguments
 from settings.loading import inspect_model
 

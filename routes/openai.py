@@ -9,7 +9,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from handlers.errors import InvalidInput, ModelNotFound
-from protocols import openai_embeddings, openai_generation
+from protocols import openai as openai_generation
+from protocols import openai_embeddings
 from routes.common import OPENAI_PREFIX, ServedModel, json_object, json_response, predict, require_json
 from settings.tasks import Task
 
