@@ -5,6 +5,7 @@ and by a uvicorn server for the disconnect case. Greedy outputs equal transforme
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from fastapi import FastAPI
 
 from engines.generation.transformers import TransformersBackend
 from handlers.errors import InvalidInput
-from protocols.openai import create_completion
+from protocols.openai import create_chat_completion, create_completion
 from tests.service_app import load_service, stop_service
 from tests.test_generation import PROMPTS, _reference
 
@@ -27,7 +28,15 @@ from tests.test_generation import PROMPTS, _reference
 @pytest.fixture(scope="module")
 def served(tiny_models: dict[str, Path]) -> Iterator[tuple[Any, Any]]:
     service, instance = load_service(
-        {"model_dir": str(tiny_models["llama"]), "backend": "huggingface", "model_name": "tiny"}
+        {
+            "model_dir": str(tiny_models["llama"]),
+            "backend": "huggingface",
+            "model_name": "tiny",
+            # Limits low enough to reach on a 256-token model (defaults: 8192, 32768, 20).
+            "max_tokens_limit": "1000",
+            "max_request_tokens": "2048",
+            "max_top_logprobs": "5",
+        }
     )
     yield service, instance
     stop_service(instance)
@@ -233,3 +242,93 @@ def test_client_disconnect_frees_the_slot(app: FastAPI, llama: TransformersBacke
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_request_limits_are_400_naming_the_limit(app: FastAPI, llama: TransformersBackend) -> None:
+    async def scenario() -> None:
+        client = _client(app)
+        with pytest.raises(openai.BadRequestError, match="max_tokens_limit"):
+            await client.completions.create(model="tiny", prompt="x", max_tokens=1001)
+        with pytest.raises(openai.BadRequestError, match="max_request_tokens") as caught:
+            await client.completions.create(model="tiny", prompt="x", n=16, max_tokens=200)
+        assert caught.value.body["param"] == "n"
+        with pytest.raises(openai.BadRequestError, match="max_top_logprobs"):
+            await client.completions.create(model="tiny", prompt="x", logprobs=6)
+        with pytest.raises(openai.BadRequestError, match="max_top_logprobs"):
+            await client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "hi"}], logprobs=True, top_logprobs=6
+            )
+        # Chat's default max_tokens (the rest of the context) stays within n x max_tokens too.
+        chat = await client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "hi"}],
+            n=16,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        assert chat.usage.completion_tokens == 16 * (2048 // 16)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            for seed in (2**70, -(2**63) - 1):
+                for path in ("/openai/v1/completions", "/openai/v1/chat/completions"):
+                    body = f'{{"prompt": "x", "messages": [{{"role": "user", "content": "x"}}], "seed": {seed}}}'
+                    response = await http.post(path, content=body, headers={"content-type": "application/json"})
+                    assert response.status_code == 400, response.text
+                    assert "seed" in response.json()["error"]["message"]
+            fine = await http.post("/openai/v1/completions", json={"prompt": "x", "seed": 2**63 - 1, "max_tokens": 2})
+            assert fine.status_code == 200
+        await client.close()
+
+    asyncio.run(scenario())
+
+
+def test_request_chat_template_needs_trust(app: FastAPI, llama: TransformersBackend) -> None:
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    body = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 3, "chat_template": template}
+
+    async def scenario() -> None:
+        client = _client(app)
+        with pytest.raises(openai.BadRequestError, match="trust_request_chat_template") as caught:
+            await client.chat.completions.create(
+                model="tiny", messages=body["messages"], max_tokens=3, extra_body={"chat_template": template}
+            )
+        assert caught.value.body["param"] == "chat_template"
+        await client.close()
+
+    asyncio.run(scenario())
+    trusted = dataclasses.replace(llama.policy, trust_request_chat_template=True)
+    original, llama.policy = llama.policy, trusted
+    try:
+        response = asyncio.run(create_chat_completion(llama, body))
+    finally:
+        llama.policy = original
+    assert response["usage"]["prompt_tokens"] == len(
+        llama.tokenizer("Hello there", add_special_tokens=False)["input_ids"]
+    )
+
+
+def test_cancelled_non_streamed_requests_free_their_rows(llama: TransformersBackend) -> None:
+    """16 clients ask for n=8, max_tokens=200 and leave (their awaiting tasks are cancelled, as the
+    route's disconnect watcher does): every row is aborted and the engine goes idle."""
+    body = {"prompt": PROMPTS[1], "n": 8, "max_tokens": 200, "ignore_eos": True, "temperature": 1.0}
+
+    async def scenario() -> tuple[int, int]:
+        tasks = [asyncio.create_task(create_completion(llama, dict(body))) for _ in range(16)]
+        start = llama.steps
+        while llama.steps < start + 5:  # generating: the rows are in the batch
+            await asyncio.sleep(0.01)
+        assert llama.active_requests() > 0
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(r, asyncio.CancelledError) for r in results)
+        deadline = time.monotonic() + 5
+        while llama.active_requests() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        idle_at = llama.steps
+        await asyncio.sleep(0.3)
+        return idle_at, llama.steps
+
+    idle_at, later = asyncio.run(scenario())
+    assert llama.active_requests() == 0
+    assert later == idle_at  # no decode step ran after the clients left
+    assert llama.steps < 16 * 200  # far from the 3,200 steps the abandoned requests asked for

@@ -99,11 +99,68 @@ class SamplingOptions:
             ("logprobs", self.logprobs is None or self.logprobs >= 0, "must be >= 0"),
             ("prompt_logprobs", self.prompt_logprobs is None or self.prompt_logprobs >= 0, "must be >= 0"),
             ("min_tokens", self.min_tokens >= 0, "must be >= 0"),
+            ("seed", self.seed is None or INT64_MIN <= self.seed <= INT64_MAX, "must be within int64"),
         ]
         for name, ok, problem in checks:
             if not ok:
                 return f"{name} {problem}"
         return None
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+@dataclass(frozen=True)
+class RequestPolicy:
+    """What one request may ask for (server arguments of the same names); a backend that has no `policy`
+    attribute gets these defaults."""
+
+    max_tokens_limit: int = 8192
+    """Largest max_tokens of one choice."""
+    max_request_tokens: int = 32768
+    """Largest n x max_tokens of one request."""
+    max_top_logprobs: int = 20
+    """Largest logprobs / top_logprobs / prompt_logprobs."""
+    trust_request_chat_template: bool = False
+    """Whether a request may bring its own chat template."""
+
+    @classmethod
+    def from_args(cls, args: Any) -> RequestPolicy:
+        return cls(
+            max_tokens_limit=args.max_tokens_limit,
+            max_request_tokens=args.max_request_tokens,
+            max_top_logprobs=args.max_top_logprobs,
+            trust_request_chat_template=args.trust_request_chat_template,
+        )
+
+    def default_max_tokens(self, n: int) -> int:
+        """The largest max_tokens this policy lets a request with n choices have."""
+        return max(1, min(self.max_tokens_limit, self.max_request_tokens // max(n, 1)))
+
+    def check(self, sampling: SamplingOptions) -> tuple[str, str] | None:
+        """(field, problem) for the first limit the options pass, else None."""
+        if sampling.max_tokens > self.max_tokens_limit:
+            return "max_tokens", (
+                f"max_tokens is {sampling.max_tokens}; this server allows at most {self.max_tokens_limit} "
+                "(argument max_tokens_limit)"
+            )
+        if sampling.n * sampling.max_tokens > self.max_request_tokens:
+            return "n", (
+                f"n x max_tokens is {sampling.n} x {sampling.max_tokens} = {sampling.n * sampling.max_tokens}; this "
+                f"server allows at most {self.max_request_tokens} per request (argument max_request_tokens)"
+            )
+        for name, value in (("logprobs", sampling.logprobs), ("prompt_logprobs", sampling.prompt_logprobs)):
+            if value is not None and value > self.max_top_logprobs:
+                return name, (
+                    f"{name} is {value}; this server allows at most {self.max_top_logprobs} alternatives per token "
+                    "(argument max_top_logprobs)"
+                )
+        return None
+
+
+def policy_of(backend: object) -> RequestPolicy:
+    policy = getattr(backend, "policy", None)
+    return policy if isinstance(policy, RequestPolicy) else RequestPolicy()
 
 
 @dataclass(frozen=True)
@@ -225,6 +282,9 @@ def check_sampling(backend: GenerationBackend, sampling: SamplingOptions) -> Non
     problem = sampling.validate()
     if problem:
         raise InvalidInput(problem, param=problem.split()[0])
+    limit = policy_of(backend).check(sampling)
+    if limit:
+        raise InvalidInput(limit[1], param=limit[0])
     name = backend.unsupported(sampling)
     if name:
         raise InvalidInput(f"'{name}' is not supported by the {backend.name} backend", param=name)

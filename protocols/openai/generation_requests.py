@@ -11,7 +11,13 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from engines.generation.backend import GenerationBackend, GenerationRequest, SamplingOptions, check_sampling
+from engines.generation.backend import (
+    GenerationBackend,
+    GenerationRequest,
+    SamplingOptions,
+    check_sampling,
+    policy_of,
+)
 from handlers.errors import InvalidInput
 from protocols.openai.schemas import (
     DEFAULT_COMPLETION_MAX_TOKENS,
@@ -107,11 +113,16 @@ def chat_prompt_ids(backend: GenerationBackend, request: ChatCompletionRequest) 
     """The conversation rendered by the chat template (the request's, else the model's) and tokenized."""
     tokenizer = backend.tokenizer
     template = request.chat_template
-    if template is None and not getattr(tokenizer, "chat_template", None):
+    trusted = policy_of(backend).trust_request_chat_template
+    if template is not None and not trusted:
         raise InvalidInput(
-            "this model has no chat template; send 'chat_template' or use /openai/v1/completions",
+            "'chat_template' in a request is refused: this server does not run templates sent by clients "
+            "(start it with trust_request_chat_template=true to allow them)",
             param="chat_template",
         )
+    if template is None and not getattr(tokenizer, "chat_template", None):
+        hint = "send 'chat_template' or " if trusted else ""
+        raise InvalidInput(f"this model has no chat template; {hint}use /openai/v1/completions", param="chat_template")
     try:
         text = tokenizer.apply_chat_template(
             request.text_messages(),
@@ -143,7 +154,9 @@ def chat_generation_request(
             f"{len(ids)} tokens; nothing is left to generate.",
             param="messages",
         )
-    max_tokens = int(asked if asked is not None else (min(default, rest) if default else rest))
+    if asked is None:  # the rest of the context, within the server's per-request limits
+        asked = min(default or rest, rest, policy_of(backend).default_max_tokens(request.n))
+    max_tokens = int(asked)
     top = request.top_logprobs or 0
     sampling = sampling_options(
         request, backend.sampling_defaults, max_tokens=max_tokens, logprobs=top if request.logprobs else None

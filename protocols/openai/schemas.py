@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from engines.generation.backend import INT64_MAX, INT64_MIN
 from handlers.errors import InvalidInput
 from protocols.errors import invalid_from_validation
 
@@ -42,7 +43,9 @@ class SamplingFields(OpenAIBaseModel):
     n: int = Field(1, ge=1, le=128, description="Choices per prompt.")
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="OpenAI default 0.")
     response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'} is supported.")
-    seed: int | None = Field(None, description="Seeds sampling: same seed and options, same output.")
+    seed: int | None = Field(
+        None, ge=INT64_MIN, le=INT64_MAX, description="Seeds sampling: same seed and options, same output (int64)."
+    )
     stop: str | list[str] | None = Field(None, description="Stop strings, excluded from the text.")
     stream: bool = Field(False, description="Server-sent events, one chunk per step and choice.")
     stream_options: StreamOptions | None = Field(None, description="include_usage: a last usage chunk.")
@@ -118,7 +121,11 @@ class ChatCompletionRequest(SamplingFields):
     function_call: str | dict[str, Any] | None = Field(None, description="Not supported.")
     parallel_tool_calls: bool | None = Field(None, description="Accepted and ignored (no tools).")
     # extras
-    chat_template: str | None = Field(None, description="Extra: a Jinja chat template replacing the model's.")
+    chat_template: str | None = Field(
+        None,
+        description="Extra: a Jinja chat template replacing the model's; refused unless the server runs with "
+        "trust_request_chat_template.",
+    )
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="Extra: passed to the template.")
     add_generation_prompt: bool = Field(True, description="Extra: end the prompt with the assistant header.")
 

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 
-from engines.generation.backend import GenerationOutput, GenerationRequest, SamplingOptions
+from engines.generation.backend import GenerationOutput, GenerationRequest, RequestPolicy, SamplingOptions
 from engines.generation.defaults import generation_config_defaults
 from engines.generation.transformers.sampling import Sampler
 from engines.generation.transformers.scheduler import Scheduler
@@ -48,6 +48,7 @@ class TransformersBackend(Scheduler):
         self.tokenizer = source.tokenizer
         self.max_model_len = source.max_model_len
         self.sampling_defaults = generation_config_defaults(source)
+        self.policy = RequestPolicy.from_args(args)
         self.is_encoder_decoder = source.task == Task.text2text_generation
         self.max_num_seqs = max_num_seqs or args.max_batch_size
         self.max_prefill_tokens = args.max_batch_tokens
@@ -126,6 +127,9 @@ class TransformersBackend(Scheduler):
         problem = request.sampling.validate()
         if problem:
             raise InvalidInput(problem, param=problem.split()[0])
+        limit = self.policy.check(request.sampling)
+        if limit:
+            raise InvalidInput(limit[1], param=limit[0])
         name = self.unsupported(request.sampling)
         if name:
             raise InvalidInput(f"'{name}' is not supported by the {self.name} backend", param=name)
