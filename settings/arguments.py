@@ -154,6 +154,15 @@ class ServerArguments(BaseModel):
         None,
         description="GPU kind for BentoML resources and BentoCloud scheduling (e.g. nvidia-l4); any kind when unset.",
     )
+    # Transformers generation backend: capacity
+    kv_cache_budget_mb: int | None = Field(
+        None,
+        gt=0,
+        description="KV-cache memory (MiB) the transformers backend may hold for running sequences; a request is "
+        "admitted only when its rows fit (n x (prompt + max_tokens) tokens, padded batch counted), else it waits; "
+        "past max_queue_size it gets 429, and a request that cannot fit even alone gets 400. Default: half the "
+        "memory free after loading the model (GPU: the device's free memory; CPU: available RAM).",
+    )
     # Generation request limits (OpenAI layer on the transformers backend, and KServe V1/V2 generation)
     max_tokens_limit: int = Field(
         8192,

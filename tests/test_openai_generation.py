@@ -164,19 +164,22 @@ def test_openai_errors_are_400_by_name(app: FastAPI, llama: TransformersBackend)
             await client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=300)
         message = caught.value.body["message"]
         assert "256" in message and "300" in message  # both numbers named
+        # logit_bias and token-id prompts are served now; ids outside the vocabulary are a 400.
         with pytest.raises(openai.BadRequestError, match="logit_bias"):
-            await client.completions.create(model="tiny", prompt="x", logit_bias={"1": 2.0})
+            await client.completions.create(model="tiny", prompt="x", logit_bias={"99999999": 2.0})
         with pytest.raises(openai.BadRequestError, match="token ids"):
-            await client.completions.create(model="tiny", prompt=[1, 2, 3])
-        with pytest.raises(openai.BadRequestError, match="tools"):
+            await client.completions.create(model="tiny", prompt=[1, 2, 99999999])
+        # tools and JSON response formats are served now (test_structured_outputs.py); misuse is still a 400.
+        with pytest.raises(openai.BadRequestError, match="tool_choice"):
             await client.chat.completions.create(
                 model="tiny",
                 messages=[{"role": "user", "content": "hi"}],
                 tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+                tool_choice={"type": "function", "function": {"name": "g"}},
             )
         with pytest.raises(openai.BadRequestError, match="response_format"):
             await client.chat.completions.create(
-                model="tiny", messages=[{"role": "user", "content": "hi"}], response_format={"type": "json_object"}
+                model="tiny", messages=[{"role": "user", "content": "hi"}], response_format={"type": "xml"}
             )
         await client.close()
 
@@ -332,3 +335,80 @@ def test_cancelled_non_streamed_requests_free_their_rows(llama: TransformersBack
     assert llama.active_requests() == 0
     assert later == idle_at  # no decode step ran after the clients left
     assert llama.steps < 16 * 200  # far from the 3,200 steps the abandoned requests asked for
+
+
+def test_logit_bias_token_id_prompts_and_prompt_logprobs(app: FastAPI, llama: TransformersBackend) -> None:
+    ids = llama.tokenizer(PROMPTS[0])["input_ids"]
+    with torch.no_grad():
+        logits = llama.model(torch.tensor([ids])).logits[0]
+    reference = torch.log_softmax(logits.float(), dim=-1)
+    forced = int(torch.argsort(reference[-1])[len(reference[-1]) // 2])  # an unlikely token
+
+    async def scenario() -> None:
+        client = _client(app)
+        as_text = await client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=6, temperature=0)
+        as_ids = await client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0)
+        both = await client.completions.create(model="tiny", prompt=[ids, ids[:3]], max_tokens=6, temperature=0)
+        assert as_ids.choices[0].text == as_text.choices[0].text == both.choices[0].text
+        assert as_ids.usage.prompt_tokens == len(ids)
+        biased = await client.completions.create(
+            model="tiny", prompt=PROMPTS[0], max_tokens=3, temperature=0, logit_bias={str(forced): 100}, logprobs=0
+        )
+        assert biased.choices[0].logprobs.tokens == [llama.tokenizer.decode([forced])] * 3
+        # logprobs stay those of the model's raw logits (the bias changes the choice, not the reported logprob)
+        assert biased.choices[0].logprobs.token_logprobs[0] == pytest.approx(float(reference[-1, forced]), abs=1e-4)
+        with_prompt = await client.completions.create(
+            model="tiny", prompt=PROMPTS[0], max_tokens=1, extra_body={"prompt_logprobs": 2}
+        )
+        entries = with_prompt.choices[0].model_extra["prompt_logprobs"]
+        assert entries[0] is None and len(entries) == len(ids)
+        for position in range(1, len(ids)):
+            row = reference[position - 1]
+            mine = entries[position][str(ids[position])]
+            assert mine["logprob"] == pytest.approx(float(row[ids[position]]), abs=1e-4)
+            assert mine["rank"] == int((row > row[ids[position]]).sum()) + 1
+            top = torch.topk(row, 2).indices.tolist()
+            assert all(str(t) in entries[position] for t in top)
+        chat = await client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=1, extra_body={"prompt_logprobs": 0}
+        )
+        assert chat.model_extra["prompt_logprobs"][0] is None
+        assert len(chat.model_extra["prompt_logprobs"]) == chat.usage.prompt_tokens
+        await client.close()
+
+    asyncio.run(scenario())
+
+
+def test_tokenize_and_detokenize_in_vllm_shapes(app: FastAPI, llama: TransformersBackend) -> None:
+    tokenizer = llama.tokenizer
+    messages = [{"role": "user", "content": "What is the capital?"}]
+    chat_ids = tokenizer(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), add_special_tokens=False
+    )["input_ids"]
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            response = await http.post("/openai/tokenize", json={"prompt": PROMPTS[1], "return_token_strs": True})
+            assert response.status_code == 200, response.text
+            body = response.json()
+            ids = tokenizer(PROMPTS[1])["input_ids"]
+            assert body == {
+                "count": len(ids),
+                "max_model_len": llama.max_model_len,
+                "tokens": ids,
+                "token_strs": tokenizer.convert_ids_to_tokens(ids),
+            }
+            plain = await http.post("/openai/tokenize", json={"prompt": PROMPTS[1], "add_special_tokens": False})
+            assert plain.json()["tokens"] == tokenizer(PROMPTS[1], add_special_tokens=False)["input_ids"]
+            chat = await http.post("/openai/tokenize", json={"model": "tiny", "messages": messages})
+            assert chat.json()["tokens"] == chat_ids
+            back = await http.post("/openai/detokenize", json={"tokens": ids})
+            assert back.json() == {"prompt": tokenizer.decode(ids)}
+            bad = await http.post("/openai/detokenize", json={"tokens": [10**9]})
+            assert bad.status_code == 400 and "vocabulary" in bad.text
+            neither = await http.post("/openai/tokenize", json={})
+            assert neither.status_code == 400
+            other = await http.post("/openai/tokenize", json={"model": "other", "prompt": "x"})
+            assert other.status_code == 404
+
+    asyncio.run(scenario())

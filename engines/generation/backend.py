@@ -28,6 +28,22 @@ FinishReason = Literal["stop", "length"]
 GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens")
 
 
+StructuredKind = Literal["json", "json_object", "regex", "choice", "grammar"]
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the generated text, applied token by token (vLLM's `structured_outputs` kinds)."""
+
+    kind: StructuredKind
+    """json: `spec` is a JSON schema; json_object: any JSON object; regex: `spec` is a regular expression;
+    choice: `choices` lists the allowed texts; grammar: `spec` is an EBNF (GBNF) or Lark grammar."""
+    spec: str = ""
+    choices: tuple[str, ...] = ()
+    any_whitespace: bool = True
+    """JSON kinds: allow any whitespace between tokens (vLLM's disable_any_whitespace turns it off)."""
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     """How to sample one request. Defaults are OpenAI's; ranges are checked by `validate()`."""
@@ -73,6 +89,10 @@ class SamplingOptions:
     """eos and stop token ids are not allowed before this many tokens (vLLM extra)."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the decoded text."""
+    structured: StructuredOutput | None = None
+    """Constrain the text to a JSON schema, regex, choice or grammar (None = free text)."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits before sampling, bias in [-100, 100] (OpenAI's)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.stop, tuple):
@@ -184,6 +204,8 @@ class Logprob:
     token: str
     """The token decoded on its own (may be a partial character, shown with U+FFFD)."""
     logprob: float
+    rank: int | None = None
+    """1 = the most likely token at its position (set for prompt logprobs, as vLLM reports them)."""
 
 
 @dataclass(frozen=True)
@@ -285,6 +307,12 @@ def check_sampling(backend: GenerationBackend, sampling: SamplingOptions) -> Non
     limit = policy_of(backend).check(sampling)
     if limit:
         raise InvalidInput(limit[1], param=limit[0])
+    if sampling.structured is not None and not getattr(backend, "supports_structured_outputs", False):
+        raise InvalidInput(
+            f"structured outputs are not supported by the {backend.name} backend here", param="structured_outputs"
+        )
+    if sampling.logit_bias and not getattr(backend, "supports_logit_bias", False):
+        raise InvalidInput(f"'logit_bias' is not supported by the {backend.name} backend here", param="logit_bias")
     name = backend.unsupported(sampling)
     if name:
         raise InvalidInput(f"'{name}' is not supported by the {backend.name} backend", param=name)

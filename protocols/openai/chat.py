@@ -8,10 +8,11 @@ from typing import Any
 
 from engines.generation.backend import GenerationBackend, GenerationRequest
 from protocols.openai.generation_requests import chat_generation_request, new_id
-from protocols.openai.logprobs import chat_logprobs
+from protocols.openai.logprobs import chat_logprobs, vllm_prompt_logprobs
 from protocols.openai.runner import Choice, Runner, collect, off_loop, usage
 from protocols.openai.schemas import ChatCompletionRequest, parse_chat_request
 from protocols.openai.sse import sse_stream
+from protocols.openai.tools import StreamSplitter, finish_reason, parse_output
 
 
 async def create_chat_completion(
@@ -31,20 +32,30 @@ async def create_chat_completion(
         )
     try:
         choices: dict[int, Choice] = {}
+        prompt_entries = None
         async for _, output in runner.outputs():
+            prompt_entries = prompt_entries or output.prompt_logprobs
             for delta in output.choices:
                 collect(choices.setdefault(delta.index, Choice()), delta)
     finally:
         await runner.close()
+    plan = request.tool_plan()
     result = []
     for index in sorted(choices):
         choice = choices[index]
+        message: dict[str, Any] = {"role": "assistant", "content": choice.text}
+        reason = choice.finish_reason
+        if plan.mode != "none":
+            content, calls = parse_output(plan, choice.text)
+            if calls:
+                message = {"role": "assistant", "content": content, "tool_calls": calls}
+                reason = finish_reason(plan, calls, reason)
         result.append(
             {
                 "index": index,
-                "message": {"role": "assistant", "content": choice.text},
+                "message": message,
                 "logprobs": chat_logprobs(choice.logprobs) if request.logprobs else None,
-                "finish_reason": choice.finish_reason,
+                "finish_reason": reason,
                 "stop_reason": choice.stop_reason,
             }
         )
@@ -56,6 +67,7 @@ async def create_chat_completion(
         "choices": result,
         "usage": usage(len(generation_request.prompt_token_ids), sum(c.token_count for c in choices.values())),
         "system_fingerprint": None,
+        **({"prompt_logprobs": vllm_prompt_logprobs(prompt_entries)} if request.prompt_logprobs is not None else {}),
     }
 
 
@@ -87,18 +99,41 @@ async def _chat_stream(
     for i in range(request.n):
         role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
         yield chunk([role])
+    plan = request.tool_plan()
+    splitters = {i: StreamSplitter(plan) for i in range(request.n)} if plan.mode != "none" else {}
     async for _, output in runner.outputs():
         for delta in output.choices:
             completion_tokens += len(delta.token_ids)
-            if not delta.text and delta.finish_reason is None and not delta.logprobs:
+            splitter = splitters.get(delta.index)
+            text = splitter.feed(delta.text) if splitter is not None else delta.text
+            reason: str | None = delta.finish_reason
+            if splitter is not None and reason is not None:
+                rest, calls = splitter.finish()
+                text += rest
+                if calls:
+                    if text:
+                        yield chunk([{"index": delta.index, "delta": {"content": text}, "finish_reason": None}])
+                    text = ""
+                    yield chunk(
+                        [
+                            {
+                                "index": delta.index,
+                                "delta": {"tool_calls": calls},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ]
+                    )
+                    reason = finish_reason(plan, calls, reason)
+            if not text and reason is None and not delta.logprobs:
                 continue
             choice: dict[str, Any] = {
                 "index": delta.index,
-                "delta": {"content": delta.text} if delta.text else {},
+                "delta": {"content": text} if text else {},
                 "logprobs": chat_logprobs(list(delta.logprobs or ())) if request.logprobs else None,
-                "finish_reason": delta.finish_reason,
+                "finish_reason": reason,
             }
-            if delta.finish_reason is not None:
+            if reason is not None:
                 choice["stop_reason"] = delta.stop_reason
             yield chunk([choice])
     if include_usage:

@@ -9,7 +9,7 @@ from typing import Any
 
 from engines.generation.backend import GenerationBackend, GenerationOutput, GenerationRequest
 from protocols.openai.generation_requests import completion_generation_requests, new_id
-from protocols.openai.logprobs import completion_logprobs, echo_logprobs, merge_logprobs
+from protocols.openai.logprobs import completion_logprobs, echo_logprobs, merge_logprobs, vllm_prompt_logprobs
 from protocols.openai.runner import Choice, Runner, collect, off_loop, usage
 from protocols.openai.schemas import CompletionRequest, parse_completion_request
 from protocols.openai.sse import sse_stream
@@ -25,7 +25,7 @@ async def create_completion(
     model = model_name or request.model or "model"
     runner = Runner(backend, generation_requests)
     await runner.start()
-    prompts = request.prompts()
+    prompts = [p if isinstance(p, str) else backend.tokenizer.decode(p) for p in request.prompts()]
     context = CompletionContext(backend, request, generation_requests, prompts, request_id, model)
     if request.stream:
         return sse_stream(_completion_stream(runner, context), runner, "completion")
@@ -63,7 +63,10 @@ async def _completion_response(runner: Runner, context: CompletionContext) -> di
     choices: dict[int, Choice] = {}
     prompt_logprobs: dict[int, tuple[str, dict[str, Any] | None]] = {}
     prompt_tokens = [len(r.prompt_token_ids) for r in context.generation_requests]
+    prompt_entries: dict[int, Any] = {}
     async for position, output in runner.outputs():
+        if output.prompt_logprobs is not None:
+            prompt_entries.setdefault(position, output.prompt_logprobs)
         if request.echo and position not in prompt_logprobs:
             prompt_logprobs[position] = context.echo_head(position, output)
         for delta in output.choices:
@@ -78,15 +81,16 @@ async def _completion_response(runner: Runner, context: CompletionContext) -> di
             logprobs = merge_logprobs(head, completion_logprobs(list(choice.logprobs), len(head_text)))
         if request.echo:
             text = prompt_logprobs[position][0] + text
-        result.append(
-            {
-                "index": index,
-                "text": text,
-                "logprobs": logprobs,
-                "finish_reason": choice.finish_reason,
-                "stop_reason": choice.stop_reason,
-            }
-        )
+        item = {
+            "index": index,
+            "text": text,
+            "logprobs": logprobs,
+            "finish_reason": choice.finish_reason,
+            "stop_reason": choice.stop_reason,
+        }
+        if request.prompt_logprobs is not None:
+            item["prompt_logprobs"] = vllm_prompt_logprobs(prompt_entries.get(position))
+        result.append(item)
     completion_tokens = sum(c.token_count for c in choices.values())
     return {
         "id": context.request_id,

@@ -7,6 +7,7 @@ for completions (OpenAI's and KServe's default) and to the rest of the context f
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -15,6 +16,7 @@ from engines.generation.backend import (
     GenerationBackend,
     GenerationRequest,
     SamplingOptions,
+    StructuredOutput,
     check_sampling,
     policy_of,
 )
@@ -25,6 +27,8 @@ from protocols.openai.schemas import (
     CompletionRequest,
     SamplingFields,
 )
+from protocols.openai.structured import structured_output
+from protocols.openai.tools import template_messages
 
 
 def pick(value: Any, key: str, defaults: Mapping[str, Any], fallback: Any) -> Any:
@@ -65,7 +69,12 @@ def sampling_options(
         ignore_eos=request.ignore_eos,
         min_tokens=request.min_tokens,
         skip_special_tokens=request.skip_special_tokens,
+        structured=structured_from(request),
     )
+
+
+def structured_from(request: SamplingFields) -> StructuredOutput | None:
+    return structured_output(request.response_format, request.structured_outputs)
 
 
 def check_length(backend: GenerationBackend, prompt_len: int, max_tokens: int) -> None:
@@ -76,6 +85,27 @@ def check_length(backend: GenerationBackend, prompt_len: int, max_tokens: int) -
             "Shorten the prompt or lower max_tokens.",
             param="max_tokens",
         )
+
+
+def with_logit_bias(
+    backend: GenerationBackend, sampling: SamplingOptions, bias: dict[str, float] | None
+) -> SamplingOptions:
+    """logit_bias's token ids checked against the vocabulary (400 naming them), biases clamped to [-100, 100]."""
+    if not bias:
+        return sampling
+    vocabulary = len(backend.tokenizer)
+    pairs = []
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise InvalidInput(f"logit_bias key '{key}' is not a token id", param="logit_bias") from None
+        if not 0 <= token < vocabulary:
+            raise InvalidInput(
+                f"logit_bias token id {token} is outside the vocabulary (0..{vocabulary - 1})", param="logit_bias"
+            )
+        pairs.append((token, max(-100.0, min(100.0, float(value)))))
+    return dataclasses.replace(sampling, logit_bias=tuple(pairs))
 
 
 def new_id(prefix: str) -> str:
@@ -95,13 +125,25 @@ def completion_generation_requests(
         defaults,
         max_tokens=max_tokens,
         logprobs=logprobs,
-        prompt_logprobs=logprobs if request.echo and logprobs is not None else None,
+        prompt_logprobs=request.prompt_logprobs
+        if request.prompt_logprobs is not None
+        else (logprobs if request.echo and logprobs is not None else None),
         echo=request.echo,
     )
+    sampling = with_logit_bias(backend, sampling, request.logit_bias)
     check_sampling(backend, sampling)
     result = []
+    vocabulary = len(backend.tokenizer)
     for i, prompt in enumerate(prompts):
-        ids = list(backend.tokenizer(prompt)["input_ids"])
+        if isinstance(prompt, str):
+            ids = list(backend.tokenizer(prompt)["input_ids"])
+        else:
+            ids = prompt
+            bad = [t for t in ids if not 0 <= t < vocabulary]
+            if bad:
+                raise InvalidInput(
+                    f"prompt {i} has token ids {bad[:5]} outside the vocabulary (0..{vocabulary - 1})", param="prompt"
+                )
         if not ids:
             raise InvalidInput(f"prompt {i} is empty after tokenization", param="prompt")
         check_length(backend, len(ids), max_tokens)
@@ -125,7 +167,8 @@ def chat_prompt_ids(backend: GenerationBackend, request: ChatCompletionRequest) 
         raise InvalidInput(f"this model has no chat template; {hint}use /openai/v1/completions", param="chat_template")
     try:
         text = tokenizer.apply_chat_template(
-            request.text_messages(),
+            template_messages(request.text_messages()),
+            tools=request.tools or None,
             chat_template=template,
             add_generation_prompt=request.add_generation_prompt,
             tokenize=False,
@@ -159,8 +202,16 @@ def chat_generation_request(
     max_tokens = int(asked)
     top = request.top_logprobs or 0
     sampling = sampling_options(
-        request, backend.sampling_defaults, max_tokens=max_tokens, logprobs=top if request.logprobs else None
+        request,
+        backend.sampling_defaults,
+        max_tokens=max_tokens,
+        logprobs=top if request.logprobs else None,
+        prompt_logprobs=request.prompt_logprobs,
     )
+    sampling = with_logit_bias(backend, sampling, request.logit_bias)
+    forced = request.tool_plan().structured()
+    if forced is not None:  # tool_choice required / named: the grammar of the call
+        sampling = dataclasses.replace(sampling, structured=forced)
     check_sampling(backend, sampling)
     check_length(backend, len(ids), max_tokens)
     return GenerationRequest(request_id, tuple(ids), sampling)

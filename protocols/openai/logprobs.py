@@ -48,6 +48,25 @@ def merge_logprobs(head: dict[str, Any] | None, tail: dict[str, Any]) -> dict[st
     return {key: head[key] + tail[key] for key in head}
 
 
+def vllm_prompt_logprobs(entries: tuple[TokenLogprobs | None, ...] | None) -> list[dict[str, Any] | None] | None:
+    """vLLM's prompt_logprobs: per prompt token None (the first) or {token id: {logprob, rank, decoded_token}}
+    holding the prompt's own token and the most likely alternatives."""
+    if entries is None:
+        return None
+    result: list[dict[str, Any] | None] = []
+    for entry in entries:
+        if entry is None:
+            result.append(None)
+            continue
+        tokens = {}
+        for item in (entry.chosen, *entry.top):
+            tokens.setdefault(
+                str(item.token_id), {"logprob": item.logprob, "rank": item.rank, "decoded_token": item.token}
+            )
+        result.append(tokens)
+    return result
+
+
 def chat_logprobs(entries: list[TokenLogprobs]) -> dict[str, Any]:
     def item(token: str, logprob: float) -> dict[str, Any]:
         return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}

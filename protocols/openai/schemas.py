@@ -4,15 +4,18 @@ are refused by name with a 400."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from engines.generation.backend import INT64_MAX, INT64_MIN
+from engines.generation.backend import INT64_MAX, INT64_MIN, StructuredOutput
 from handlers.errors import InvalidInput
 from protocols.errors import invalid_from_validation
+from protocols.openai.structured import from_response_format
+from protocols.openai.tools import ToolPlan, plan_tools
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +33,58 @@ class OpenAIBaseModel(BaseModel):
             logger.info("%s request: ignored unknown fields %s", endpoint, sorted(self.model_extra))
 
 
+class StructuredOutputsParams(OpenAIBaseModel):
+    """vLLM's `structured_outputs` request field: exactly one of json, regex, choice, grammar, json_object."""
+
+    json_schema: str | dict[str, Any] | None = Field(
+        None, alias="json", description="A JSON schema (object or its JSON text) the output must satisfy."
+    )
+    regex: str | None = Field(None, description="A regular expression the whole output must match.")
+    choice: list[str] | None = Field(None, description="The output is exactly one of these texts.")
+    grammar: str | None = Field(None, description="An EBNF (GBNF) or Lark grammar the output must follow.")
+    json_object: bool | None = Field(None, description="The output is any JSON object.")
+    disable_any_whitespace: bool = Field(False, description="JSON: no whitespace beyond what JSON needs.")
+    disable_additional_properties: bool = Field(False, description="Not supported (400 when true).")
+    whitespace_pattern: str | None = Field(None, description="Not supported (400 when set).")
+    structural_tag: str | None = Field(None, description="Not supported (400 when set).")
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=(), populate_by_name=True)
+
+    def to_structured(self) -> StructuredOutput:
+        param = "structured_outputs"
+        for name in ("whitespace_pattern", "structural_tag"):
+            if getattr(self, name) is not None:
+                raise InvalidInput(f"'structured_outputs.{name}' is not supported", param=param)
+        if self.disable_additional_properties:
+            raise InvalidInput("'structured_outputs.disable_additional_properties' is not supported", param=param)
+        given = {
+            "json": self.json_schema,
+            "regex": self.regex,
+            "choice": self.choice,
+            "grammar": self.grammar,
+            "json_object": self.json_object,
+        }
+        chosen = [name for name, value in given.items() if value is not None]
+        if len(chosen) != 1:
+            raise InvalidInput(
+                "'structured_outputs' needs exactly one of json, regex, choice, grammar, json_object; "
+                f"got {', '.join(chosen) or 'none'}",
+                param=param,
+            )
+        whitespace = not self.disable_any_whitespace
+        kind = chosen[0]
+        if kind == "json":
+            schema = self.json_schema
+            return StructuredOutput("json", schema if isinstance(schema, str) else json.dumps(schema), (), whitespace)
+        if kind == "choice":
+            return StructuredOutput("choice", choices=tuple(self.choice or ()))
+        if kind == "json_object":
+            if not self.json_object:
+                raise InvalidInput("'structured_outputs.json_object' must be true when given", param=param)
+            return StructuredOutput("json_object", any_whitespace=whitespace)
+        return StructuredOutput(kind, given[kind])  # type: ignore[arg-type]
+
+
 class StreamOptions(OpenAIBaseModel):
     include_usage: bool = Field(False, description="Send a last chunk with the usage (choices empty).")
 
@@ -39,10 +94,14 @@ class SamplingFields(OpenAIBaseModel):
 
     model: str | None = Field(None, description="Served model name; the route checks it.")
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="OpenAI default 0.")
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported (400 when non-empty).")
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (as a string) -> bias added to its logit, clamped to [-100, 100]."
+    )
     n: int = Field(1, ge=1, le=128, description="Choices per prompt.")
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="OpenAI default 0.")
-    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'} is supported.")
+    response_format: dict[str, Any] | None = Field(
+        None, description="{'type': 'text' | 'json_object' | 'json_schema', 'json_schema': {'name', 'schema'}}."
+    )
     seed: int | None = Field(
         None, ge=INT64_MIN, le=INT64_MAX, description="Seeds sampling: same seed and options, same output (int64)."
     )
@@ -61,15 +120,15 @@ class SamplingFields(OpenAIBaseModel):
     stop_token_ids: list[int] | None = Field(None, description="vLLM extra: token ids that end a choice.")
     include_stop_str_in_output: bool = Field(False, description="vLLM extra: keep the stop string.")
     skip_special_tokens: bool = Field(True, description="vLLM extra: leave special tokens out of the text.")
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="vLLM extra: logprobs of the prompt tokens and this many alternatives."
+    )
+    structured_outputs: StructuredOutputsParams | None = Field(
+        None, description="vLLM extra: one of json, regex, choice, grammar, json_object."
+    )
 
     def refuse_unsupported(self) -> None:
-        if self.logit_bias:
-            raise InvalidInput("'logit_bias' is not supported", param="logit_bias")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise InvalidInput(
-                f"'response_format' of type '{self.response_format.get('type')}' is not supported; only 'text'",
-                param="response_format",
-            )
+        pass
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -80,7 +139,9 @@ class SamplingFields(OpenAIBaseModel):
 class CompletionRequest(SamplingFields):
     """POST /openai/v1/completions."""
 
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(..., description="Text or list of texts.")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="A text, a list of texts, token ids, or a list of token id lists."
+    )
     best_of: int | None = Field(None, description="Only best_of == n is supported.")
     echo: bool = Field(False, description="Prepend the prompt to each choice's text.")
     logprobs: int | None = Field(
@@ -96,15 +157,16 @@ class CompletionRequest(SamplingFields):
         if self.best_of is not None and self.best_of != self.n:
             raise InvalidInput("'best_of' is not supported (only best_of == n)", param="best_of")
 
-    def prompts(self) -> list[str]:
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a text, or token ids (used as they are, without special tokens added)."""
         prompt = self.prompt
         if isinstance(prompt, str):
             return [prompt]
-        if all(isinstance(p, str) for p in prompt):
-            if not prompt:
-                raise InvalidInput("'prompt' is an empty list", param="prompt")
-            return list(prompt)  # type: ignore[arg-type]
-        raise InvalidInput("'prompt' as token ids is not supported; send text", param="prompt")
+        if not prompt:
+            raise InvalidInput("'prompt' is an empty list", param="prompt")
+        if all(isinstance(p, int) for p in prompt):
+            return [list(prompt)]  # type: ignore[arg-type]
+        return [p if isinstance(p, str) else list(p) for p in prompt]  # type: ignore[misc]
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -115,11 +177,19 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Alternatives per token.")
     max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI; max_completion_tokens wins.")
     max_completion_tokens: int | None = Field(None, ge=1, description="Default: the rest of the context.")
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported (400 when non-empty).")
-    tool_choice: str | dict[str, Any] | None = Field(None, description="Only 'none' / 'auto' without tools.")
+    tools: list[dict[str, Any]] | None = Field(
+        None,
+        description="Functions the model may call: [{'type': 'function', 'function': {name, description, "
+        "parameters}}], rendered by the chat template.",
+    )
+    tool_choice: str | dict[str, Any] | None = Field(
+        None,
+        description="none, auto (default with tools: hermes <tool_call> output parsed), required or "
+        "{'type': 'function', 'function': {'name'}} (both enforced by grammar).",
+    )
     functions: list[dict[str, Any]] | None = Field(None, description="Not supported (400 when non-empty).")
     function_call: str | dict[str, Any] | None = Field(None, description="Not supported.")
-    parallel_tool_calls: bool | None = Field(None, description="Accepted and ignored (no tools).")
+    parallel_tool_calls: bool | None = Field(None, description="Accepted and ignored.")
     # extras
     chat_template: str | None = Field(
         None,
@@ -131,16 +201,22 @@ class ChatCompletionRequest(SamplingFields):
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.tools:
-            raise InvalidInput("'tools' is not supported", param="tools")
         if self.functions:
             raise InvalidInput("'functions' is not supported", param="functions")
         if self.function_call not in (None, "none", "auto"):
             raise InvalidInput("'function_call' is not supported", param="function_call")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise InvalidInput("'tool_choice' is not supported", param="tool_choice")
+        plan = self.tool_plan()
+        if plan.forced and (self.structured_outputs is not None or from_response_format(self.response_format)):
+            raise InvalidInput(
+                f"tool_choice '{plan.mode}' is enforced by a grammar; it cannot be combined with "
+                "response_format or structured_outputs",
+                param="tool_choice",
+            )
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidInput("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+
+    def tool_plan(self) -> ToolPlan:
+        return plan_tools(self.tools, self.tool_choice)
 
     def text_messages(self) -> list[dict[str, Any]]:
         """Messages with text content only (a list of text parts is joined with newlines)."""

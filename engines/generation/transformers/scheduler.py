@@ -33,6 +33,7 @@ from transformers.cache_utils import EncoderDecoderCache
 
 from engines.generation.backend import ChoiceDelta, GenerationOutput
 from engines.generation.transformers.detokenizer import Detokenizer, StopStrings
+from engines.generation.transformers.grammar import Grammars
 from engines.generation.transformers.kv_batch import KVBatch, cache_from, cache_tensors
 from engines.generation.transformers.sampling import Sampler
 from engines.generation.transformers.state import RequestState, Row, put_all
@@ -63,6 +64,8 @@ class Scheduler:
         self._shared_batch = True
         self._decoder_start: int | None = None
         self._device: Any = "cpu"
+        self.kv_bytes_per_token = 0  # K and V of every layer for one token of one row
+        self.kv_budget_bytes = 0  # 0 = no budget
         self.steps = 0  # decode steps run (for tests and metrics)
         self.max_rows_seen = 0  # largest decode batch so far
 
@@ -104,25 +107,52 @@ class Scheduler:
         ]
         touched: list[RequestState] = []
         self._admit(touched)
-        for position, batch in enumerate(self._batches):
-            self._decode(batch, touched)
-            self._batches[position] = batch.select([i for i, r in enumerate(batch.rows) if r.finish_reason is None])
-        self._batches = [b for b in self._batches if b is not None]
+        kept: list[KVBatch] = []
+        for batch in self._batches:
+            kept.extend(self._decode_isolated(batch, touched))
+        self._batches = kept
         self._emit(touched)
+
+    def _decode_isolated(self, batch: KVBatch, touched: list[RequestState]) -> list[KVBatch]:
+        """Decode one step; when the forward pass fails, retry each request's rows on their own, so only the
+        request that cannot run fails (the batch's cache is unchanged by a failed forward)."""
+        try:
+            self._decode(batch, touched)
+        except Exception as error:
+            states = list(dict.fromkeys(row.state for row in batch.rows))
+            if len(states) == 1:
+                logger.exception("generation step failed for request %s", states[0].request.request_id)
+                states[0].done = True
+                states[0].deliver(error)
+                return []
+            parts = [batch.select([i for i, r in enumerate(batch.rows) if r.state is state]) for state in states]
+            return [kept for part in parts if part is not None for kept in self._decode_isolated(part, touched)]
+        rest = batch.select([i for i, r in enumerate(batch.rows) if r.finish_reason is None])
+        return [rest] if rest is not None else []
 
     def _active_rows(self) -> int:
         return sum(len(b.rows) for b in self._batches)
+
+    def kv_bytes(self, rows: int, longest: int) -> int:
+        """KV memory of `rows` rows padded to `longest` tokens (the batch is one padded tensor per layer)."""
+        return rows * longest * self.kv_bytes_per_token
 
     def _admit(self, touched: list[RequestState]) -> None:
         free = self.max_num_seqs - self._active_rows()
         budget = self.max_prefill_tokens
         admitted: list[KVBatch] = []
+        rows = self._active_rows()
+        longest = max((r.prompt_len + r.state.sampling.max_tokens for b in self._batches for r in b.rows), default=0)
         while self._waiting:
             state = self._waiting[0]
             n = state.sampling.n
             prompt_len = len(state.request.prompt_token_ids)
             if n > free or (admitted and prompt_len > budget):
                 break
+            final = max(longest, prompt_len + state.sampling.max_tokens)
+            if self.kv_budget_bytes and rows and self.kv_bytes(rows + n, final) > self.kv_budget_bytes:
+                break  # waits (FIFO) until running rows finish and free their KV memory
+            rows, longest = rows + n, final
             self._waiting.popleft()
             free -= n
             budget -= prompt_len
@@ -202,6 +232,7 @@ class Scheduler:
                     sampling.skip_special_tokens,
                 ),
                 text=StopStrings(sampling.stop, sampling.include_stop_str_in_output),
+                matcher=None if state.grammar is None else Grammars.matcher(state.grammar),
             )
             if sampling.presence_penalty != 0.0 or sampling.frequency_penalty != 0.0:
                 row.counts = torch.zeros(logits.shape[-1], dtype=torch.float32, device=self._device)
@@ -256,6 +287,9 @@ class Scheduler:
     # ---- sampling ----
 
     def _advance(self, row: Row) -> None:
+        if row.state.error is not None:  # its sampling failed: the row leaves, _emit fails the request
+            row.finish_reason = "error"
+            return
         sampling = row.state.sampling
         token = row.next_token
         row.generated.append(token)
@@ -300,6 +334,11 @@ class Scheduler:
         # One call_soon_threadsafe per event loop and step (each wakes the loop through a socket).
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestState, GenerationOutput]]] = {}
         for state in touched:
+            if state.error is not None and not state.done and not state.aborted:
+                logger.warning("request %s failed: %s", state.request.request_id, state.error)
+                state.done = True
+                state.deliver(state.error)
+                continue
             if not state.pending or state.aborted or state.done:
                 state.pending = []
                 continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -23,6 +24,8 @@ class RequestState:
     prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
     sent_first: bool = False
     pending: list[ChoiceDelta] = field(default_factory=list)
+    grammar: Any = None  # xgrammar CompiledGrammar for structured outputs
+    error: BaseException | None = None  # set when one of its rows failed: the request fails alone
 
     @property
     def sampling(self) -> SamplingOptions:
@@ -52,6 +55,7 @@ class Row:
     stop_reason: str | int | None = None
     new_ids: list[int] = field(default_factory=list)
     new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    matcher: Any = None  # xgrammar GrammarMatcher of this row (structured outputs)
 
 
 def put_all(items: list[tuple[RequestState, GenerationOutput]]) -> None:
