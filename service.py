@@ -26,6 +26,7 @@ from routes import kserve as kserve_routes
 from routes import openai as openai_routes
 from routes import rerank as rerank_routes
 from routes import tei as tei_routes
+from routes import tokenize as tokenize_routes
 from routes.cancellation import CancelOnDisconnect
 from routes.common import Timer
 from routes.errors import install_error_handlers
@@ -138,7 +139,7 @@ class HuggingFaceService:  # routes are mounted per instance in __init__
         # Routers close over this instance: no per-request dependency has to find the service (BentoML's
         # class views resolve one in a thread pool for every request, a measurable share of a small request).
         # The fallback router answers unknown paths in their protocol's shape, so it comes last.
-        routers = (kserve_routes, openai_routes, rerank_routes, tei_routes, fallback_routes)
+        routers = (kserve_routes, openai_routes, tokenize_routes, rerank_routes, tei_routes, fallback_routes)
         for build_router in (module.build_router for module in routers):
             app.include_router(build_router(self))
 

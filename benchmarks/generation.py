@@ -10,6 +10,9 @@ eos ignored so every request generates the same number of tokens), and the scrip
 - TTFT: time from submitting a request to its first token (queueing included), median and p90;
 - TPOT: (last token time - first token time) / (tokens - 1) per request, median.
 
+With `--structured`, the batched backend runs each level again with every row constrained by an
+xgrammar regex that never completes, so the difference is the cost of structured outputs.
+
 Prints a table and writes JSON to benchmarks/results/.
 
     .venv/bin/python -m benchmarks.generation                    # the tiny Llama of tests/tiny_models.py
@@ -28,8 +31,8 @@ from typing import Any
 import torch
 
 from benchmarks.report import print_table, write_results
-from engines.generation.backend import GenerationRequest, SamplingOptions
-from engines.generation.transformers_backend import TransformersBackend
+from engines.generation.backend import GenerationRequest, SamplingOptions, StructuredOutput
+from engines.generation.transformers import TransformersBackend
 from settings.arguments import parse_arguments
 from settings.loading import inspect_model
 
@@ -51,13 +54,23 @@ def tiny_llama() -> Path:
     return build_cached_tiny_models()["llama"]
 
 
+# A constraint that never completes (so every request still generates max_tokens tokens): every row pays
+# xgrammar's bitmask fill and apply at every step, which is the overhead of structured outputs.
+STRUCTURED = StructuredOutput("regex", r"[^\n]*")
+
+
 async def run_level(
-    backend: TransformersBackend, prompts: list[list[int]], concurrency: int, rounds: int, max_tokens: int
+    backend: TransformersBackend,
+    prompts: list[list[int]],
+    concurrency: int,
+    rounds: int,
+    max_tokens: int,
+    structured: StructuredOutput | None = None,
 ) -> dict[str, Any]:
     ttfts: list[float] = []
     tpots: list[float] = []
     tokens = 0
-    sampling = SamplingOptions(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    sampling = SamplingOptions(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, structured=structured)
 
     async def client(index: int) -> None:
         nonlocal tokens
@@ -108,14 +121,20 @@ async def main_async(options: argparse.Namespace) -> dict[str, Any]:
     # Warm-up (first forward passes allocate and pick kernels).
     await run_level(batched, prompts, 2, 1, 8)
     await run_level(baseline, prompts, 1, 1, 8)
-    results: dict[str, list[dict[str, Any]]] = {"baseline": [], "batched": []}
+    results: dict[str, list[dict[str, Any]]] = {"baseline": [], "batched": [], "batched_structured": []}
+    runs: list[tuple[str, TransformersBackend, StructuredOutput | None]] = [
+        ("batched", batched, None),
+        ("baseline", baseline, None),
+    ]
+    if options.structured:
+        runs.append(("batched_structured", batched, STRUCTURED))
     for concurrency in options.concurrency:
-        for name, backend in (("batched", batched), ("baseline", baseline)):
+        for name, backend, structured in runs:
             rounds = max(options.rounds, -(-options.min_requests // concurrency))
-            level = await run_level(backend, prompts, concurrency, rounds, options.max_tokens)
+            level = await run_level(backend, prompts, concurrency, rounds, options.max_tokens, structured)
             results[name].append(level)
             print(
-                f"{name:8} c={concurrency:<3} {level['tokens_per_s']:8.1f} tok/s  "
+                f"{name:18} c={concurrency:<3} {level['tokens_per_s']:8.1f} tok/s  "
                 f"TTFT {level['ttft_median_ms']:7.1f} ms  TPOT {level['tpot_median_ms']:6.2f} ms",
                 flush=True,
             )
@@ -140,13 +159,20 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, help="torch intra-op threads (default: torch's); 1 suits tiny models on busy CPUs"
     )
+    parser.add_argument(
+        "--structured", action="store_true", help="also run the batched backend with every row grammar-constrained"
+    )
     options = parser.parse_args()
     if options.threads:
         torch.set_num_threads(options.threads)
     figures = asyncio.run(main_async(options))
     rows = []
-    for base, batch in zip(figures["baseline"], figures["batched"], strict=True):
-        for name, level in (("one at a time", base), ("batched", batch)):
+    structured = figures["batched_structured"] or [None] * len(figures["batched"])
+    for base, batch, constrained in zip(figures["baseline"], figures["batched"], structured, strict=True):
+        levels = [("one at a time", base), ("batched", batch)]
+        if constrained is not None:
+            levels.append(("batched, every row constrained", constrained))
+        for name, level in levels:
             rows.append(
                 [
                     name,
@@ -155,7 +181,7 @@ def main() -> None:
                     f"{level['ttft_median_ms']:.1f}",
                     f"{level['ttft_p90_ms']:.1f}",
                     f"{level['tpot_median_ms']:.2f}",
-                    f"{batch['tokens_per_s'] / base['tokens_per_s']:.1f}x" if name == "batched" else "",
+                    f"{level['tokens_per_s'] / base['tokens_per_s']:.1f}x" if level is not base else "",
                 ]
             )
     print()

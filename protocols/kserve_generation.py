@@ -20,7 +20,7 @@ from handlers.requests import (
     TaskResult,
     TensorSpec,
 )
-from protocols.openai_generation import create_completion
+from protocols.openai import create_completion
 from settings.arguments import ServerArguments
 from settings.loading import ModelSource
 

@@ -10,7 +10,8 @@ from fastapi.responses import Response, StreamingResponse
 
 from handlers.errors import InvalidInput, ModelNotFound
 from handlers.requests import RequestOptions
-from protocols import openai_embeddings, openai_generation
+from protocols import openai as openai_generation
+from protocols import openai_embeddings
 from routes.common import OPENAI_PREFIX, ServedModel, json_object, json_response, predict, require_json
 from routes.openapi import errors, request_body
 from settings.tasks import Task

@@ -248,6 +248,38 @@ class ServerArguments(BaseModel):
         description="On SIGTERM, how long requests in flight may take to finish while new ones get 503 before the "
         "server stops. Default 25 s: inside Kubernetes' default 30 s terminationGracePeriodSeconds.",
     )
+    # Transformers generation backend: capacity
+    kv_cache_budget_mb: int | None = Field(
+        None,
+        gt=0,
+        description="KV-cache memory (MiB) the transformers backend may hold for running sequences; a request is "
+        "admitted only when its rows fit (n x (prompt + max_tokens) tokens, padded batch counted), else it waits; "
+        "past max_queue_size it gets 429, and a request that cannot fit even alone gets 400. Default: half the "
+        "memory free after loading the model (GPU: the device's free memory; CPU: available RAM).",
+    )
+    # Generation request limits (OpenAI layer on the transformers backend, and KServe V1/V2 generation)
+    max_tokens_limit: int = Field(
+        8192,
+        gt=0,
+        description="Largest max_tokens one choice may ask for (400 naming max_tokens above it). Default 8192: "
+        "bounds one request's work while leaving room for long answers; the context length still applies.",
+    )
+    max_request_tokens: int = Field(
+        32768,
+        gt=0,
+        description="Largest n x max_tokens of one request (400 naming n above it). Default 32768 = 4 x "
+        "max_tokens_limit: a request with many choices cannot hold the batch for long.",
+    )
+    max_top_logprobs: int = Field(
+        20,
+        ge=0,
+        description="Largest logprobs / top_logprobs (alternatives per token), 0-20. Default 20: OpenAI's own limit.",
+    )
+    trust_request_chat_template: bool = Field(
+        False,
+        description="vLLM's name: accept a request's own `chat_template` (a Jinja template runs on the server). "
+        "Off by default: such requests get 400.",
+    )
     engine_args: dict[str, Any] = Field(
         default_factory=dict,
         description="vLLM engine arguments given by their own names (e.g. --arg max_num_seqs=64), values as given.",

@@ -17,7 +17,7 @@ from types import ModuleType
 import httpx
 import pytest
 
-from engines.generation.transformers_backend import TransformersBackend
+from engines.generation.transformers.backend import TransformersBackend
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 

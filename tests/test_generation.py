@@ -1,28 +1,22 @@
-"""Text generation: the transformers backend against transformers' own generate(), and the OpenAI
-completions / chat layer through the official openai client on an in-test FastAPI app."""
+"""Text generation: the transformers backend against transformers' own generate(), and the OpenAI layer's
+default precedence and T5 path called directly (the OpenAI routes are in test_openai_generation.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
-import openai
 import pytest
 import torch
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
 
 from engines.generation.backend import GenerationBackend, GenerationRequest, SamplingOptions
 from engines.generation.select import build_generation_backend
-from engines.generation.transformers_backend import TransformersBackend
-from handlers.errors import InvalidInput, ServingError
-from protocols.errors import openai_error_body
-from protocols.openai_generation import create_chat_completion, create_completion
+from engines.generation.transformers import TransformersBackend
+from handlers.errors import InvalidInput
+from protocols.openai import create_chat_completion, create_completion
 from settings.arguments import parse_arguments
 from settings.loading import ModelLoadError, inspect_model
 
@@ -213,224 +207,6 @@ def test_backend_selection(tiny_models: dict[str, Path]) -> None:
     t5_args = parse_arguments({"model_dir": str(tiny_models["t5"]), "backend": "vllm"}, environ={})
     with pytest.raises(ModelLoadError, match="encoder-decoder"):
         build_generation_backend(inspect_model(t5_args), t5_args)
-
-
-# --------------------------------------------------------------------------------------------------
-# OpenAI layer over HTTP (a FastAPI app built here; the service's own routes are tested elsewhere)
-# --------------------------------------------------------------------------------------------------
-
-
-def make_app(backend: GenerationBackend) -> FastAPI:
-    app = FastAPI()
-
-    @app.exception_handler(ServingError)
-    async def serving_error(_: Request, error: ServingError) -> JSONResponse:
-        return JSONResponse(openai_error_body(error), status_code=error.status_code)
-
-    def respond(result: dict | Any) -> Any:
-        if isinstance(result, dict):
-            return JSONResponse(result)
-        return StreamingResponse(result, media_type="text/event-stream")
-
-    @app.post("/openai/v1/completions")
-    async def completions(request: Request) -> Any:
-        return respond(await create_completion(backend, await request.json(), model_name="tiny"))
-
-    @app.post("/openai/v1/chat/completions")
-    async def chat(request: Request) -> Any:
-        return respond(await create_chat_completion(backend, await request.json(), model_name="tiny"))
-
-    return app
-
-
-def _client(backend: GenerationBackend) -> openai.AsyncOpenAI:
-    transport = httpx.ASGITransport(app=make_app(backend))
-    return openai.AsyncOpenAI(
-        base_url="http://test/openai/v1",
-        api_key="none",
-        http_client=httpx.AsyncClient(transport=transport, base_url="http://test"),
-        max_retries=0,
-    )
-
-
-def test_openai_completions(llama: TransformersBackend) -> None:
-    ids = llama.tokenizer(PROMPTS[0])["input_ids"]
-    expected_ids = _reference(llama, ids, 16)
-
-    async def scenario() -> None:
-        client = _client(llama)
-        response = await client.completions.create(model="tiny", prompt=PROMPTS[0], temperature=0)
-        choice = response.choices[0]
-        assert response.model == "tiny" and response.object == "text_completion"
-        assert response.usage.prompt_tokens == len(ids)
-        assert response.usage.completion_tokens == len(expected_ids)  # default max_tokens 16
-        assert response.usage.total_tokens == len(ids) + len(expected_ids)
-        assert choice.finish_reason == ("length" if len(expected_ids) == 16 else "stop")
-        full = llama.tokenizer.decode(ids + expected_ids, skip_special_tokens=True)
-        assert PROMPTS[0] + choice.text == full
-
-        # Streaming gives the same text; finish_reason only on the last chunk.
-        stream = await client.completions.create(
-            model="tiny", prompt=PROMPTS[0], temperature=0, stream=True, stream_options={"include_usage": True}
-        )
-        chunks = [chunk async for chunk in stream]
-        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(expected_ids)
-        texts = [c.choices[0].text for c in chunks[:-1]]
-        reasons = [c.choices[0].finish_reason for c in chunks[:-1]]
-        assert "".join(texts) == choice.text
-        assert reasons[-1] == choice.finish_reason and all(r is None for r in reasons[:-1])
-
-        # n = 2 for each of two prompts: indexes prompt * n + choice; echo and logprobs.
-        many = await client.completions.create(
-            model="tiny", prompt=[PROMPTS[0], PROMPTS[2]], n=2, max_tokens=5, temperature=0, echo=True, logprobs=2
-        )
-        assert [c.index for c in many.choices] == [0, 1, 2, 3]
-        assert many.choices[0].text == many.choices[1].text  # greedy: both choices equal
-        assert many.choices[2].text.startswith(PROMPTS[2])
-        logprobs = many.choices[0].logprobs
-        assert logprobs.token_logprobs[0] is None  # the first prompt token
-        assert len(logprobs.tokens) == len(ids) + 5
-        assert all(len(top) >= 2 for top in logprobs.top_logprobs[1:])
-        await client.close()
-
-    asyncio.run(scenario())
-
-
-def test_openai_chat(llama: TransformersBackend) -> None:
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital?"}]
-    text = llama.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    prompt_ids = llama.tokenizer(text, add_special_tokens=False)["input_ids"]
-    expected = _reference(llama, prompt_ids, 12)
-
-    async def scenario() -> None:
-        client = _client(llama)
-        response = await client.chat.completions.create(
-            model="tiny", messages=messages, temperature=0, max_completion_tokens=12, logprobs=True, top_logprobs=2
-        )
-        choice = response.choices[0]
-        assert choice.message.role == "assistant"
-        assert response.usage.prompt_tokens == len(prompt_ids)
-        assert response.usage.completion_tokens == len(expected)
-        with torch.no_grad():
-            logits = llama.model(torch.tensor([prompt_ids + expected])).logits[0]
-        reference = torch.log_softmax(logits.float(), dim=-1)
-        want = [float(reference[len(prompt_ids) - 1 + i, token]) for i, token in enumerate(expected)]
-        assert [e.logprob for e in choice.logprobs.content] == pytest.approx(want, abs=1e-4)
-        assert [e.token for e in choice.logprobs.content] == [llama.tokenizer.decode([t]) for t in expected]
-        assert all(len(e.top_logprobs) == 2 for e in choice.logprobs.content)
-
-        stream = await client.chat.completions.create(
-            model="tiny",
-            messages=messages,
-            temperature=0,
-            max_completion_tokens=12,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-        chunks = [chunk async for chunk in stream]
-        assert chunks[0].choices[0].delta.role == "assistant"
-        assert chunks[-1].usage.prompt_tokens == len(prompt_ids)
-        body = [c for c in chunks if c.choices]
-        assert "".join(c.choices[0].delta.content or "" for c in body) == choice.message.content
-        assert body[-1].choices[0].finish_reason == choice.finish_reason
-        assert all(c.choices[0].finish_reason is None for c in body[:-1])
-
-        # Chat's default max_tokens is the rest of the context; seeds reproduce samples.
-        seeded = [
-            await client.chat.completions.create(model="tiny", messages=messages, seed=3, max_tokens=10, n=2)
-            for _ in range(2)
-        ]
-        assert [c.message.content for c in seeded[0].choices] == [c.message.content for c in seeded[1].choices]
-        await client.close()
-
-    asyncio.run(scenario())
-
-
-def test_openai_errors_are_400_by_name(llama: TransformersBackend) -> None:
-    async def scenario() -> None:
-        client = _client(llama)
-        with pytest.raises(openai.BadRequestError) as caught:
-            await client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=300)
-        message = caught.value.body["message"]
-        assert "256" in message and "300" in message  # both numbers named
-        with pytest.raises(openai.BadRequestError, match="logit_bias"):
-            await client.completions.create(model="tiny", prompt="x", logit_bias={"1": 2.0})
-        with pytest.raises(openai.BadRequestError, match="token ids"):
-            await client.completions.create(model="tiny", prompt=[1, 2, 3])
-        with pytest.raises(openai.BadRequestError, match="tools"):
-            await client.chat.completions.create(
-                model="tiny",
-                messages=[{"role": "user", "content": "hi"}],
-                tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
-            )
-        with pytest.raises(openai.BadRequestError, match="response_format"):
-            await client.chat.completions.create(
-                model="tiny", messages=[{"role": "user", "content": "hi"}], response_format={"type": "json_object"}
-            )
-        await client.close()
-
-    asyncio.run(scenario())
-    with pytest.raises(InvalidInput, match="max_tokens"):
-        asyncio.run(create_completion(llama, {"prompt": "x", "max_tokens": 0}))
-
-
-def test_raw_sse_format(llama: TransformersBackend) -> None:
-    async def scenario() -> list[str]:
-        transport = httpx.ASGITransport(app=make_app(llama))
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            response = await client.post(
-                "/openai/v1/completions",
-                json={"prompt": PROMPTS[0], "max_tokens": 6, "n": 2, "temperature": 0, "stream": True},
-            )
-            assert response.headers["content-type"].startswith("text/event-stream")
-            return response.text.split("\n\n")
-
-    events = [e for e in asyncio.run(scenario()) if e]
-    assert all(e.startswith("data: ") for e in events)
-    assert events[-1] == "data: [DONE]"
-    chunks = [json.loads(e[len("data: ") :]) for e in events[:-1]]
-    finished = [c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"]]
-    assert sorted(finished) == [0, 1]  # one finish_reason per choice, on its last chunk
-    for index in (0, 1):
-        mine = [c for c in chunks if c["choices"][0]["index"] == index]
-        assert mine[-1]["choices"][0]["finish_reason"] == "length"
-    assert all("usage" not in c for c in chunks)
-
-
-def test_client_disconnect_frees_the_slot(llama: TransformersBackend) -> None:
-    """A real server: closing a stream mid-way cancels the route, which aborts the request."""
-    import socket
-    import threading
-
-    import uvicorn
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(make_app(llama), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        body = {"prompt": PROMPTS[0], "max_tokens": 200, "ignore_eos": True, "stream": True, "temperature": 0}
-        with (
-            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client,
-            client.stream("POST", "/openai/v1/completions", json=body) as response,
-        ):
-            assert response.status_code == 200
-            first = next(response.iter_lines())
-            assert first.startswith("data: ")
-            assert llama.active_requests() == 1
-        closed_at = time.monotonic()
-        while llama.active_requests() and time.monotonic() - closed_at < 2:
-            time.sleep(0.01)
-        assert llama.active_requests() == 0
-        assert time.monotonic() - closed_at < 1.0
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 class RecordingBackend:

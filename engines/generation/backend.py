@@ -1,6 +1,6 @@
 """The backend-neutral interface of text generation; no torch here, so protocols may import it.
 
-A backend (transformers in `transformers_backend.py`, vLLM in `vllm_backend.py`) takes a
+A backend (transformers in `transformers/`, vLLM in `vllm_backend.py`) takes a
 `GenerationRequest` (prompt token ids + `SamplingOptions`) and yields `GenerationOutput`s: one per
 engine step in which at least one of the request's n choices made progress. Protocol code turns
 requests into `GenerationRequest`s and outputs into OpenAI responses; it never sees torch.
@@ -26,6 +26,22 @@ FinishReason = Literal["stop", "length"]
 
 # The SamplingOptions fields that a model's generation_config may supply (precedence level 2).
 GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens")
+
+
+StructuredKind = Literal["json", "json_object", "regex", "choice", "grammar"]
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the generated text, applied token by token (vLLM's `structured_outputs` kinds)."""
+
+    kind: StructuredKind
+    """json: `spec` is a JSON schema; json_object: any JSON object; regex: `spec` is a regular expression;
+    choice: `choices` lists the allowed texts; grammar: `spec` is an EBNF (GBNF) or Lark grammar."""
+    spec: str = ""
+    choices: tuple[str, ...] = ()
+    any_whitespace: bool = True
+    """JSON kinds: allow any whitespace between tokens (vLLM's disable_any_whitespace turns it off)."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +89,10 @@ class SamplingOptions:
     """eos and stop token ids are not allowed before this many tokens (vLLM extra)."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the decoded text."""
+    structured: StructuredOutput | None = None
+    """Constrain the text to a JSON schema, regex, choice or grammar (None = free text)."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits before sampling, bias in [-100, 100] (OpenAI's)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.stop, tuple):
@@ -99,11 +119,68 @@ class SamplingOptions:
             ("logprobs", self.logprobs is None or self.logprobs >= 0, "must be >= 0"),
             ("prompt_logprobs", self.prompt_logprobs is None or self.prompt_logprobs >= 0, "must be >= 0"),
             ("min_tokens", self.min_tokens >= 0, "must be >= 0"),
+            ("seed", self.seed is None or INT64_MIN <= self.seed <= INT64_MAX, "must be within int64"),
         ]
         for name, ok, problem in checks:
             if not ok:
                 return f"{name} {problem}"
         return None
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+@dataclass(frozen=True)
+class RequestPolicy:
+    """What one request may ask for (server arguments of the same names); a backend that has no `policy`
+    attribute gets these defaults."""
+
+    max_tokens_limit: int = 8192
+    """Largest max_tokens of one choice."""
+    max_request_tokens: int = 32768
+    """Largest n x max_tokens of one request."""
+    max_top_logprobs: int = 20
+    """Largest logprobs / top_logprobs / prompt_logprobs."""
+    trust_request_chat_template: bool = False
+    """Whether a request may bring its own chat template."""
+
+    @classmethod
+    def from_args(cls, args: Any) -> RequestPolicy:
+        return cls(
+            max_tokens_limit=args.max_tokens_limit,
+            max_request_tokens=args.max_request_tokens,
+            max_top_logprobs=args.max_top_logprobs,
+            trust_request_chat_template=args.trust_request_chat_template,
+        )
+
+    def default_max_tokens(self, n: int) -> int:
+        """The largest max_tokens this policy lets a request with n choices have."""
+        return max(1, min(self.max_tokens_limit, self.max_request_tokens // max(n, 1)))
+
+    def check(self, sampling: SamplingOptions) -> tuple[str, str] | None:
+        """(field, problem) for the first limit the options pass, else None."""
+        if sampling.max_tokens > self.max_tokens_limit:
+            return "max_tokens", (
+                f"max_tokens is {sampling.max_tokens}; this server allows at most {self.max_tokens_limit} "
+                "(argument max_tokens_limit)"
+            )
+        if sampling.n * sampling.max_tokens > self.max_request_tokens:
+            return "n", (
+                f"n x max_tokens is {sampling.n} x {sampling.max_tokens} = {sampling.n * sampling.max_tokens}; this "
+                f"server allows at most {self.max_request_tokens} per request (argument max_request_tokens)"
+            )
+        for name, value in (("logprobs", sampling.logprobs), ("prompt_logprobs", sampling.prompt_logprobs)):
+            if value is not None and value > self.max_top_logprobs:
+                return name, (
+                    f"{name} is {value}; this server allows at most {self.max_top_logprobs} alternatives per token "
+                    "(argument max_top_logprobs)"
+                )
+        return None
+
+
+def policy_of(backend: object) -> RequestPolicy:
+    policy = getattr(backend, "policy", None)
+    return policy if isinstance(policy, RequestPolicy) else RequestPolicy()
 
 
 @dataclass(frozen=True)
@@ -127,6 +204,8 @@ class Logprob:
     token: str
     """The token decoded on its own (may be a partial character, shown with U+FFFD)."""
     logprob: float
+    rank: int | None = None
+    """1 = the most likely token at its position (set for prompt logprobs, as vLLM reports them)."""
 
 
 @dataclass(frozen=True)
@@ -225,6 +304,15 @@ def check_sampling(backend: GenerationBackend, sampling: SamplingOptions) -> Non
     problem = sampling.validate()
     if problem:
         raise InvalidInput(problem, param=problem.split()[0])
+    limit = policy_of(backend).check(sampling)
+    if limit:
+        raise InvalidInput(limit[1], param=limit[0])
+    if sampling.structured is not None and not getattr(backend, "supports_structured_outputs", False):
+        raise InvalidInput(
+            f"structured outputs are not supported by the {backend.name} backend here", param="structured_outputs"
+        )
+    if sampling.logit_bias and not getattr(backend, "supports_logit_bias", False):
+        raise InvalidInput(f"'logit_bias' is not supported by the {backend.name} backend here", param="logit_bias")
     name = backend.unsupported(sampling)
     if name:
         raise InvalidInput(f"'{name}' is not supported by the {backend.name} backend", param=name)

@@ -43,7 +43,7 @@ from engines.generation.backend import (
     TokenLogprobs,
     check_sampling,
 )
-from engines.generation.select import generation_config_defaults
+from engines.generation.defaults import generation_config_defaults
 from handlers.errors import InvalidInput, NotReady, Overloaded, ServingError
 from settings.arguments import ServerArguments
 from settings.loading import ModelLoadError, ModelSource

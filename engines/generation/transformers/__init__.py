@@ -1,0 +1,5 @@
+"""The transformers generation backend (see backend.py and scheduler.py)."""
+
+from engines.generation.transformers.backend import TransformersBackend
+
+__all__ = ["TransformersBackend"]

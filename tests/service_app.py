@@ -1,0 +1,39 @@
+"""The real service imported in-process with its arguments set, as `bentoml serve --arg ...` would.
+
+`service.py` reads its arguments at import (`bentoml.use_arguments()`), so the module is imported
+afresh for each call; the returned instance has its routers mounted on `service.app` and its model
+started. Tests drive `app` with httpx's ASGI transport or a uvicorn thread: the same routes, error
+handlers and runtime as `bentoml serve`, without a subprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import sys
+from types import ModuleType
+from typing import Any
+
+from bentoml._internal.utils.args import set_arguments
+
+
+def load_service(arguments: dict[str, str]) -> tuple[ModuleType, Any]:
+    """(the service module, a started HuggingFaceService instance) for these `--arg` values."""
+    set_arguments(dict(arguments))
+    sys.modules.pop("service", None)
+    service = importlib.import_module("service")
+    instance = service.HuggingFaceService.inner()
+
+    async def start() -> None:
+        await instance.runtime.start_loading()
+
+    if instance.generation is None:
+        raise ValueError("load_service starts generative models only")
+    asyncio.run(start())
+    if not instance.runtime.ready:
+        raise RuntimeError(f"the service did not become ready: {instance.runtime.load_error}")
+    return service, instance
+
+
+def stop_service(instance: Any) -> None:
+    asyncio.run(instance.runtime.stop())
