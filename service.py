@@ -24,6 +24,8 @@ from protocols.errors import kserve_error_body, openai_error_body
 from protocols.kserve_generation import GenerativeRuntime
 from routes import kserve as kserve_routes
 from routes import openai as openai_routes
+from routes import playground as playground_routes
+from routes.bentoml_api import TypedApis
 from routes.common import OPENAI_PREFIX, Timer, json_response
 from settings.arguments import ArgumentError, ServerArguments, parse_arguments
 from settings.loading import ModelLoadError, ModelSource, apply_torch_threads, inspect_model
@@ -68,7 +70,8 @@ try:
 except PackageNotFoundError:
     SERVER_VERSION = "0.1.0"
 
-app = FastAPI(title="Hugging Face model server", version=SERVER_VERSION)
+# /docs is BentoML's OpenAPI document (these routes merged with the typed endpoints), not FastAPI's page.
+app = FastAPI(title="Hugging Face model server", version=SERVER_VERSION, docs_url=None, redoc_url=None)
 
 
 @app.exception_handler(ServingError)
@@ -99,8 +102,9 @@ def _resources() -> dict[str, Any]:
     tracing={} if ARGS.tracing else {"excluded_urls": ["/"]},
 )
 @bentoml.asgi_app(app, path="/")
-class HuggingFaceService:  # routes are mounted per instance in __init__
-    """Serves one Hugging Face model over KServe V1, Open Inference Protocol V2 and OpenAI routes."""
+class HuggingFaceService(TypedApis):  # routes are mounted per instance in __init__
+    """Serves one Hugging Face model: typed BentoML endpoints (TypedApis), KServe V1, Open Inference Protocol V2
+    and OpenAI routes, and a playground page."""
 
     if ARGS.bento_model:
         # Declared so that `bentoml build --arg bento_model=TAG` packs the model into the Bento.
@@ -122,7 +126,7 @@ class HuggingFaceService:  # routes are mounted per instance in __init__
         self.server_name, self.server_version = SERVER_NAME, SERVER_VERSION
         # Routers close over this instance: no per-request dependency has to find the service (BentoML's
         # class views resolve one in a thread pool for every request, a measurable share of a small request).
-        for build_router in (kserve_routes.build_router, openai_routes.build_router):
+        for build_router in (kserve_routes.build_router, openai_routes.build_router, playground_routes.build_router):
             app.include_router(build_router(self))
 
     @bentoml.on_startup

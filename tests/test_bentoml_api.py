@@ -1,0 +1,276 @@
+"""BentoML's typed endpoints through `bentoml serve`, with BentoML's own clients, and the playground page in
+headless Chromium. Answers are compared with direct transformers calls on the same model folders.
+
+Set UPDATE_SCREENSHOTS=1 to refresh docs/playground-*.png from the browser tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import bentoml
+import httpx
+import numpy as np
+import pytest
+import torch
+from bentoml.exceptions import BentoMLException
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+from settings.loading import default_model_dir
+from tests import reference
+from tests.server_process import PROJECT_DIR, ServerProcess
+
+MINILM = Path(default_model_dir())
+ENDPOINTS = {"embed", "classify", "token_classify", "fill_mask", "rerank", "generate", "chat"}
+CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """One `bentoml serve` per task, started together."""
+    logs = tmp_path_factory.mktemp("bentoml-api-logs")
+    models = {
+        "text_embedding": {"model_name": "minilm"},  # the embedded all-MiniLM-L6-v2
+        "sequence_classification": {"model_dir": str(tiny_models["sequence_classification"]), "model_name": "sst"},
+        "token_classification": {"model_dir": str(tiny_models["token_classification"]), "model_name": "ner"},
+        "fill_mask": {"model_dir": str(tiny_models["fill_mask"]), "model_name": "bert"},
+        "text_generation": {"model_dir": str(tiny_models["llama"]), "model_name": "llama", "backend": "huggingface"},
+    }
+    started = {task: ServerProcess(args, logs / f"{task}.log") for task, args in models.items()}
+    try:
+        yield {task: server.wait_ready().url for task, server in started.items()}
+    finally:
+        for server in started.values():
+            server.stop()
+
+
+def test_clients_and_schema_list_every_endpoint(servers):
+    url = servers["text_embedding"]
+    schema = httpx.get(f"{url}/schema.json").json()
+    assert {route["name"] for route in schema["routes"]} == ENDPOINTS
+    streams = {route["name"] for route in schema["routes"] if route["output"].get("is_stream")}
+    assert streams == {"generate", "chat"}
+    with bentoml.SyncHTTPClient(url) as client:
+        assert set(client.endpoints) == ENDPOINTS
+
+
+def test_embed_equals_transformers_and_openai_route(servers):
+    texts = ["The capital of France is Paris.", "hello world"]
+    expected = reference.mean_pooled_embeddings(MINILM, texts).numpy()
+    url = servers["text_embedding"]
+    with bentoml.SyncHTTPClient(url) as client:
+        answer = client.embed(texts=texts)
+    assert answer["model"] == "minilm" and answer["usage"]["prompt_tokens"] > 0
+    assert np.allclose(np.array(answer["embeddings"]), expected, atol=1e-5)
+    openai = httpx.post(f"{url}/openai/v1/embeddings", json={"input": texts}).json()
+    assert [item["embedding"] for item in openai["data"]] == answer["embeddings"]  # one model, one batcher
+
+
+def test_classify_equals_softmax_with_labels(servers, tiny_models):
+    path = tiny_models["sequence_classification"]
+    texts = ["a fine film", "a dull one, really"]
+    probabilities = torch.softmax(reference.classification_logits(path, texts), dim=-1).tolist()
+    id2label = reference.model(path, reference.AutoModelForSequenceClassification).config.id2label
+    with bentoml.SyncHTTPClient(servers["sequence_classification"]) as client:
+        answer = client.classify(texts=texts)
+    for row, expected in zip(answer["results"], probabilities, strict=True):
+        assert [item["score"] for item in row] == sorted((item["score"] for item in row), reverse=True)
+        got = {item["label"]: item["score"] for item in row}
+        assert set(got) == set(id2label.values())
+        assert np.allclose([got[id2label[i]] for i in range(len(expected))], expected, atol=1e-6)
+
+
+def test_token_classify_equals_pipeline(servers, tiny_models):
+    text = "Angela Merkel met Emmanuel Macron in Paris."
+    model = str(tiny_models["token_classification"])
+    ner = pipeline("token-classification", model=model, aggregation_strategy="simple")
+    expected = ner(text)
+    with bentoml.SyncHTTPClient(servers["token_classification"]) as client:
+        (got,) = client.token_classify(texts=[text])["results"]
+    assert [(e["entity_group"], e["start"], e["end"], e["word"]) for e in got] == [
+        (e["entity_group"], e["start"], e["end"], e["word"]) for e in expected
+    ]
+    assert np.allclose([e["score"] for e in got], [float(e["score"]) for e in expected], atol=1e-4)
+
+
+def test_fill_mask_equals_pipeline_per_mask(servers, tiny_models):
+    fill = pipeline("fill-mask", model=str(tiny_models["fill_mask"]), top_k=3)
+    texts = ["the capital of france is [MASK].", "[MASK] is the capital of [MASK]."]
+    with bentoml.SyncHTTPClient(servers["fill_mask"]) as client:
+        answer = client.fill_mask(texts=texts, top_k=3)
+    one_mask, two_masks = answer["results"]
+    assert len(one_mask) == 1 and len(two_masks) == 2
+    for got, want in zip([*one_mask, *two_masks], [fill(texts[0]), *fill(texts[1])], strict=True):
+        assert [(g["token"], g["token_str"]) for g in got] == [(w["token"], w["token_str"]) for w in want]
+        assert np.allclose([g["score"] for g in got], [w["score"] for w in want], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "payload"),
+    [
+        ("classify", {"texts": ["x"]}),
+        ("token_classify", {"texts": ["x"]}),
+        ("fill_mask", {"texts": ["x [MASK]"]}),
+        ("rerank", {"query": "q", "documents": ["d"]}),
+        ("generate", {"prompt": "x"}),
+        ("chat", {"messages": [{"role": "user", "content": "x"}]}),
+    ],
+)
+def test_endpoint_the_task_cannot_answer_is_400_naming_the_task(servers, endpoint, payload):
+    url = servers["text_embedding"]
+    response = httpx.post(f"{url}/{endpoint}", json=payload, timeout=30)
+    assert response.status_code == 400, response.text
+    assert "serves text_embedding" in response.text and f"'{endpoint}' endpoint" in response.text
+    with bentoml.SyncHTTPClient(url) as client, pytest.raises(BentoMLException, match="serves text_embedding"):
+        result = getattr(client, endpoint)(**payload)
+        if endpoint in ("generate", "chat"):
+            list(result)  # a stream's error surfaces when it is read
+
+
+def test_embed_on_a_generation_model_is_400(servers):
+    response = httpx.post(f"{servers['text_generation']}/embed", json={"texts": ["x"]})
+    assert response.status_code == 400 and "serves text_generation" in response.text
+
+
+def _greedy(path: Path, ids: list[int], max_new_tokens: int) -> str:
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    with torch.inference_mode():
+        output = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens)
+    return tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True)
+
+
+def test_generate_and_chat_stream_greedy_answers(servers, tiny_models):
+    path = tiny_models["llama"]
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    messages = [{"role": "user", "content": "the capital of france is"}]
+    chat_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    chat_ids = tokenizer(chat_text, add_special_tokens=False)["input_ids"]
+    prompt = "the capital of france is"
+
+    async def run() -> tuple[list[str], list[str]]:
+        async with bentoml.AsyncHTTPClient(servers["text_generation"]) as client:
+            chat = [chunk async for chunk in client.chat(messages=messages, max_tokens=8, temperature=0)]
+            generate = [chunk async for chunk in client.generate(prompt=prompt, max_tokens=8, temperature=0)]
+        return chat, generate
+
+    chat_chunks, generate_chunks = asyncio.run(run())
+    assert len(chat_chunks) > 1, "the reply streams in pieces"
+    assert "".join(chat_chunks) == _greedy(path, chat_ids, 8)
+    assert "".join(generate_chunks) == _greedy(path, tokenizer(prompt)["input_ids"], 8)
+
+
+def test_generation_errors_are_400(servers):
+    url = servers["text_generation"]
+    too_long = httpx.post(f"{url}/generate", json={"prompt": "x", "max_tokens": 10**6})
+    assert too_long.status_code == 400 and "max_tokens" in too_long.text
+    bad = httpx.post(f"{url}/chat", json={"messages": [{"role": "user", "content": "x"}], "temperature": -1})
+    assert bad.status_code == 400 and "temperature" in bad.text
+
+
+def test_kserve_openai_docs_and_index_still_answer(servers):
+    url = servers["text_embedding"]
+    assert httpx.get(f"{url}/").json() == {"status": "alive"}
+    index = httpx.get(f"{url}/", headers={"accept": "text/html,application/xhtml+xml"})
+    assert index.headers["content-type"].startswith("text/html") and "BentoML" in index.text
+    predict = httpx.post(f"{url}/v1/models/minilm:predict", json={"instances": ["hello"]}, timeout=30)
+    assert predict.status_code == 200 and len(predict.json()["predictions"][0]) == 384
+    assert httpx.get(f"{url}/openai/v1/models").json()["data"][0]["id"] == "minilm"
+    spec = httpx.get(f"{url}/docs.json").json()
+    for path in ("/embed", "/chat", "/v1/models/{name}:predict", "/v2/models/{name}/infer", "/playground/info"):
+        assert path in spec["paths"], f"{path} is missing from BentoML's OpenAPI document"
+    assert spec["paths"]["/embed"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    docs = httpx.get(f"{url}/docs")
+    assert docs.status_code == 200 and "/docs.json" in docs.text
+    assert httpx.get(f"{url}/static_content/swagger-ui-bundle.js").status_code == 200  # offline assets
+    info = httpx.get(f"{url}/playground/info").json()
+    assert info == {
+        "model": "minilm",
+        "task": "text_embedding",
+        "endpoint": "embed",
+        "ready": True,
+        "backend": None,
+        "mask_token": None,
+        "routes": ["/embed", "/openai/v1/embeddings", "/v1/models/minilm:predict", "/v2/models/minilm/infer"],
+    }
+
+
+# --- the playground page in a real browser ---
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    if not CHROMIUM.is_file():
+        pytest.skip(f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium; scripts/test.sh does it as root)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a test extra")
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def _open_playground(browser, url: str):
+    page = browser.new_page(viewport={"width": 900, "height": 760})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(f"{url}/playground")
+    page.wait_for_selector("#send:not([disabled])")
+    return page, errors
+
+
+def _screenshot(page, name: str, tmp_path: Path) -> None:
+    target = tmp_path / name
+    page.screenshot(path=str(target), full_page=True)
+    if os.environ.get("UPDATE_SCREENSHOTS") == "1":
+        shutil.copy(target, PROJECT_DIR / "docs" / name)
+
+
+def test_playground_embeddings_similarity_matrix(servers, browser, tmp_path):
+    page, errors = _open_playground(browser, servers["text_embedding"])
+    assert page.inner_text("#model") == "minilm" and page.inner_text("#task") == "text_embedding"
+    sentences = ["The cat sits on the mat.", "A cat is sitting on a rug.", "Stock markets fell sharply today."]
+    page.fill("#input", "\n".join(sentences))
+    page.click("#send")
+    page.wait_for_selector("#result[data-done='1']", timeout=60_000)
+    vectors = reference.mean_pooled_embeddings(MINILM, sentences).numpy()
+    expected = vectors @ vectors.T
+    cells = page.locator("#matrix td").all_inner_texts()
+    assert np.allclose(np.array(cells, dtype=float).reshape(3, 3), expected, atol=1e-3)
+    assert "curl -X POST" in page.inner_text("#curl") and "/embed" in page.inner_text("#curl")
+    assert "/openai/v1/embeddings" in page.inner_text("#routes")
+    assert errors == []
+    _screenshot(page, "playground-embeddings.png", tmp_path)
+    page.close()
+
+
+def test_playground_chat_streams_the_reply(servers, browser, tiny_models, tmp_path):
+    page, errors = _open_playground(browser, servers["text_generation"])
+    assert page.inner_text("#task") == "text_generation"
+    page.fill("#input", "the capital of france is")
+    page.fill("#max-tokens", "16")
+    page.fill("#temperature", "0")
+    page.click("#send")
+    page.wait_for_selector("#result[data-done='1']", timeout=60_000)
+    path = tiny_models["llama"]
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    messages = [{"role": "user", "content": "the capital of france is"}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert page.inner_text("#reply") == _greedy(path, ids, 16)
+    assert page.locator(".msg.user").inner_text().endswith("the capital of france is")
+    assert "/chat" in page.inner_text("#curl") and "curl -N" in page.inner_text("#curl")
+    assert errors == []
+    _screenshot(page, "playground-chat.png", tmp_path)
+    page.close()
