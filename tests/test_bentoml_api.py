@@ -10,7 +10,10 @@ import asyncio
 import os
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 from pathlib import Path
+from typing import Any
 
 import bentoml
 import httpx
@@ -26,7 +29,7 @@ from tests.server_process import PROJECT_DIR, ServerProcess
 
 MINILM = Path(default_model_dir())
 ENDPOINTS = {"embed", "classify", "token_classify", "fill_mask", "rerank", "generate", "chat"}
-CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
+CHROMIUM = Path(os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -38,22 +41,30 @@ CHROMIUM_ARGS = [
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """One `bentoml serve` per task, started together."""
+def chat_model(tiny_models: dict[str, Path]) -> Path:
+    """Tiny Llama with a chat template: cheap; the slow test below chats with SmolLM2 for a real answer."""
+    return tiny_models["llama"]
+
+
+@pytest.fixture(scope="module")
+def servers(
+    tiny_models: dict[str, Path], chat_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
+    """One `bentoml serve` per task, started together and stopped together."""
     logs = tmp_path_factory.mktemp("bentoml-api-logs")
     models = {
         "text_embedding": {"model_name": "minilm"},  # the embedded all-MiniLM-L6-v2
         "sequence_classification": {"model_dir": str(tiny_models["sequence_classification"]), "model_name": "sst"},
         "token_classification": {"model_dir": str(tiny_models["token_classification"]), "model_name": "ner"},
         "fill_mask": {"model_dir": str(tiny_models["fill_mask"]), "model_name": "bert"},
-        "text_generation": {"model_dir": str(tiny_models["llama"]), "model_name": "llama", "backend": "huggingface"},
+        "text_generation": {"model_dir": str(chat_model), "model_name": "chat", "backend": "huggingface"},
     }
     started = {task: ServerProcess(args, logs / f"{task}.log") for task, args in models.items()}
     try:
         yield {task: server.wait_ready().url for task, server in started.items()}
     finally:
-        for server in started.values():
-            server.stop()
+        with ThreadPoolExecutor(len(started)) as pool:  # each takes seconds to drain; stop them side by side
+            list(pool.map(ServerProcess.stop, started.values()))
 
 
 def test_clients_and_schema_list_every_endpoint(servers):
@@ -144,20 +155,30 @@ def test_embed_on_a_generation_model_is_400(servers):
     assert response.status_code == 400 and "serves text_generation" in response.text
 
 
+@cache
+def _causal_lm(path: Path) -> tuple[Any, Any]:
+    return AutoTokenizer.from_pretrained(str(path)), AutoModelForCausalLM.from_pretrained(str(path)).eval()
+
+
 def _greedy(path: Path, ids: list[int], max_new_tokens: int) -> str:
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    tokenizer, model = _causal_lm(path)
     with torch.inference_mode():
         output = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens)
     return tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True)
 
 
-def test_generate_and_chat_stream_greedy_answers(servers, tiny_models):
-    path = tiny_models["llama"]
+def _chat_ids(path: Path, question: str) -> list[int]:
+    tokenizer, _ = _causal_lm(path)
+    messages = [{"role": "user", "content": question}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_generate_and_chat_stream_greedy_answers(servers, chat_model):
+    path = chat_model
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     messages = [{"role": "user", "content": "the capital of france is"}]
-    chat_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    chat_ids = tokenizer(chat_text, add_special_tokens=False)["input_ids"]
+    chat_ids = _chat_ids(path, messages[0]["content"])
     prompt = "the capital of france is"
 
     async def run() -> tuple[list[str], list[str]]:
@@ -243,7 +264,7 @@ def test_playground_embeddings_similarity_matrix(servers, browser, tmp_path):
     sentences = ["The cat sits on the mat.", "A cat is sitting on a rug.", "Stock markets fell sharply today."]
     page.fill("#input", "\n".join(sentences))
     page.click("#send")
-    page.wait_for_selector("#result[data-done='1']", timeout=60_000)
+    page.wait_for_selector("#result[data-done='1']", timeout=120_000)
     vectors = reference.mean_pooled_embeddings(MINILM, sentences).numpy()
     expected = vectors @ vectors.T
     cells = page.locator("#matrix td").all_inner_texts()
@@ -255,22 +276,36 @@ def test_playground_embeddings_similarity_matrix(servers, browser, tmp_path):
     page.close()
 
 
-def test_playground_chat_streams_the_reply(servers, browser, tiny_models, tmp_path):
-    page, errors = _open_playground(browser, servers["text_generation"])
+def test_playground_chat_streams_the_reply(servers, browser, chat_model):
+    _chat_in_the_page(browser, servers["text_generation"], chat_model, screenshot=None)
+
+
+@pytest.mark.slow
+def test_playground_chat_with_smollm2(browser, smollm2, tmp_path):
+    """A real chat model answers in the page (and makes docs/playground-chat.png)."""
+    server = ServerProcess({"model_dir": str(smollm2), "model_name": "smollm2"}, tmp_path / "smollm2.log")
+    try:
+        reply = _chat_in_the_page(browser, server.wait_ready().url, smollm2, screenshot=tmp_path)
+    finally:
+        server.stop()
+    assert reply == "The capital of France is Paris."
+
+
+def _chat_in_the_page(browser, url: str, model: Path, screenshot: Path | None) -> str:
+    page, errors = _open_playground(browser, url)
     assert page.inner_text("#task") == "text_generation"
-    page.fill("#input", "the capital of france is")
-    page.fill("#max-tokens", "16")
+    question = "What is the capital of France?"
+    page.fill("#input", question)
+    page.fill("#max-tokens", "24")
     page.fill("#temperature", "0")
     page.click("#send")
-    page.wait_for_selector("#result[data-done='1']", timeout=60_000)
-    path = tiny_models["llama"]
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    messages = [{"role": "user", "content": "the capital of france is"}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert page.inner_text("#reply") == _greedy(path, ids, 16)
-    assert page.locator(".msg.user").inner_text().endswith("the capital of france is")
+    page.wait_for_selector("#result[data-done='1']", timeout=120_000)
+    reply = page.inner_text("#reply")
+    assert reply == _greedy(model, _chat_ids(model, question), 24)
+    assert page.locator(".msg.user").inner_text().endswith(question)
     assert "/chat" in page.inner_text("#curl") and "curl -N" in page.inner_text("#curl")
     assert errors == []
-    _screenshot(page, "playground-chat.png", tmp_path)
+    if screenshot is not None:
+        _screenshot(page, "playground-chat.png", screenshot)
     page.close()
+    return reply
