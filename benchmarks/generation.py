@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
+from benchmarks.charts import chart_path, concurrency_chart
 from benchmarks.report import print_table, write_results
 from engines.generation.backend import GenerationRequest, SamplingOptions
 from engines.generation.transformers_backend import TransformersBackend
@@ -109,16 +111,16 @@ async def main_async(options: argparse.Namespace) -> dict[str, Any]:
     await run_level(batched, prompts, 2, 1, 8)
     await run_level(baseline, prompts, 1, 1, 8)
     results: dict[str, list[dict[str, Any]]] = {"baseline": [], "batched": []}
-    for concurrency in options.concurrency:
-        for name, backend in (("batched", batched), ("baseline", baseline)):
-            rounds = max(options.rounds, -(-options.min_requests // concurrency))
-            level = await run_level(backend, prompts, concurrency, rounds, options.max_tokens)
-            results[name].append(level)
-            print(
-                f"{name:8} c={concurrency:<3} {level['tokens_per_s']:8.1f} tok/s  "
-                f"TTFT {level['ttft_median_ms']:7.1f} ms  TPOT {level['tpot_median_ms']:6.2f} ms",
-                flush=True,
-            )
+    backends = (("batched", batched), ("baseline", baseline))
+    progress = tqdm([(c, name, backend) for c in options.concurrency for name, backend in backends], unit="level")
+    for concurrency, name, backend in progress:
+        rounds = max(options.rounds, -(-options.min_requests // concurrency))
+        level = await run_level(backend, prompts, concurrency, rounds, options.max_tokens)
+        results[name].append(level)
+        progress.write(
+            f"{name:8} c={concurrency:<3} {level['tokens_per_s']:8.1f} tok/s  "
+            f"TTFT {level['ttft_median_ms']:7.1f} ms  TPOT {level['tpot_median_ms']:6.2f} ms"
+        )
     await baseline.stop()
     await batched.stop()
     return {
@@ -162,7 +164,16 @@ def main() -> None:
     print_table(
         ["backend", "concurrency", "output tok/s", "TTFT p50 ms", "TTFT p90 ms", "TPOT p50 ms", "speed-up"], rows
     )
-    write_results("generation", figures)
+    json_path = write_results("generation", figures)
+    labels = {"batched": "continuous batching", "baseline": "one at a time (KServe's way)"}
+    concurrency_chart(
+        chart_path(json_path),
+        f"Generation, transformers backend: {figures['max_tokens']} tokens per request",
+        {labels[k]: {level["concurrency"]: level["tokens_per_s"] for level in figures[k]} for k in labels},
+        latency={labels[k]: {level["concurrency"]: level["ttft_p90_ms"] for level in figures[k]} for k in labels},
+        throughput_label="output tokens/s",
+        latency_label="TTFT p90 (ms)",
+    )
 
 
 if __name__ == "__main__":
