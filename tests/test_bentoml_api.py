@@ -283,7 +283,9 @@ def test_playground_chat_streams_the_reply(servers, browser, chat_model):
 @pytest.mark.slow
 def test_playground_chat_with_smollm2(browser, smollm2, tmp_path):
     """A real chat model answers in the page (and makes docs/playground-chat.png)."""
-    server = ServerProcess({"model_dir": str(smollm2), "model_name": "smollm2"}, tmp_path / "smollm2.log")
+    server = ServerProcess(
+        {"model_dir": str(smollm2), "model_name": "smollm2", "backend": "huggingface"}, tmp_path / "smollm2.log"
+    )
     try:
         reply = _chat_in_the_page(browser, server.wait_ready().url, smollm2, screenshot=tmp_path)
     finally:
