@@ -78,8 +78,8 @@ class Rerankings(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"] = Field(description="Who speaks.")
-    content: str = Field(description="What they say.")
+    role: Literal["system", "user", "assistant"] = Field(description="Who speaks.", examples=["user"])
+    content: str = Field(description="What they say.", examples=["What is the capital of France?"])
 
 
 class PlaygroundInfo(BaseModel):

@@ -28,7 +28,10 @@ from settings.tasks import Task
 
 T = TypeVar("T")
 
-Texts = Annotated[list[str], Field(description="The input texts, one result per text.", min_length=1)]
+Texts = Annotated[
+    list[str],
+    Field(description="The input texts, one result per text.", min_length=1, examples=[["Paris is lovely in spring."]]),
+]
 MaxTokens = Annotated[
     int | None,
     Field(gt=0, description="Most tokens to generate; default: the model's generation_config, else the "
@@ -91,7 +94,14 @@ class TypedApis:
     @bentoml.api
     async def fill_mask(
         self: ServedModel,
-        texts: Annotated[list[str], Field(description="Texts holding the tokenizer's mask token.", min_length=1)],
+        texts: Annotated[
+            list[str],
+            Field(
+                description="Texts holding the tokenizer's mask token.",
+                min_length=1,
+                examples=[["Paris is the [MASK] of France."]],
+            ),
+        ],
         top_k: Annotated[int, Field(gt=0, le=100, description="Candidates per mask.")] = 5,
     ) -> schema.FillMaskResults:
         """The top_k tokens for every mask token, with probabilities (fill_mask models)."""
@@ -101,7 +111,7 @@ class TypedApis:
     @bentoml.api
     async def rerank(
         self: ServedModel,
-        query: Annotated[str, Field(description="What the documents are ranked against.")],
+        query: Annotated[str, Field(description="What the documents are ranked against.", examples=["capital city"])],
         documents: Annotated[list[str], Field(description="The texts to rank.", min_length=1)],
         top_n: Annotated[int | None, Field(gt=0, description="Return only the n best; default all.")] = None,
         return_documents: Annotated[bool, Field(description="Add each document's text.")] = False,
@@ -119,7 +129,10 @@ class TypedApis:
     @bentoml.api
     async def generate(
         self: ServedModel,
-        prompt: Annotated[str, Field(description="The text to continue (special tokens added as in training).")],
+        prompt: Annotated[
+            str,
+            Field(description="The text to continue (special tokens added as in training).", examples=["Once upon a"]),
+        ],
         max_tokens: MaxTokens = None,
         temperature: Temperature = None,
         top_p: TopP = None,

@@ -276,6 +276,38 @@ def test_playground_embeddings_similarity_matrix(servers, browser, tmp_path):
     page.close()
 
 
+@pytest.mark.parametrize(
+    ("task", "shown"),
+    [("sequence_classification", ".bar-row"), ("token_classification", "#entities"), ("fill_mask", ".bar-row")],
+)
+def test_playground_encoder_views(servers, browser, task, shown):
+    """The page's default input for the task, sent: the task's view appears with the endpoint's numbers."""
+    page, errors = _open_playground(browser, servers[task])
+    assert page.inner_text("#task") == task
+    page.click("#send")
+    page.wait_for_selector("#result[data-done='1']", timeout=120_000)
+    body = {"texts": [page.input_value("#input").strip()]}
+    endpoint = {"sequence_classification": "classify", "token_classification": "token_classify"}.get(task, task)
+    if task == "fill_mask":
+        body["top_k"] = 5
+    answer = httpx.post(f"{servers[task]}/{endpoint}", json=body, timeout=60).json()["results"][0]
+    if task == "token_classification":
+        text = body["texts"][0]
+        marked = page.locator("#entities mark").evaluate_all("marks => marks.map(m => m.firstChild.textContent)")
+        assert marked == [text[entity["start"] : entity["end"]] for entity in answer]
+        without_tags = "e => { const c = e.cloneNode(true); c.querySelectorAll('small').forEach(s => s.remove()); " \
+            "return c.textContent; }"
+        assert page.eval_on_selector("#entities", without_tags) == text
+    else:
+        rows = answer if task == "sequence_classification" else answer[0]
+        assert page.locator(shown).count() == len(rows)
+        scores = [float(text) for text in page.locator(f"{shown} .num").all_inner_texts()]
+        assert np.allclose(scores, [row["score"] for row in rows], atol=1e-4)
+    assert f"/{endpoint}" in page.inner_text("#curl")
+    assert errors == []
+    page.close()
+
+
 def test_playground_chat_streams_the_reply(servers, browser, chat_model):
     _chat_in_the_page(browser, servers["text_generation"], chat_model, screenshot=None)
 
