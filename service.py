@@ -24,9 +24,11 @@ from protocols.kserve_generation import GenerativeRuntime
 from routes import fallback as fallback_routes
 from routes import kserve as kserve_routes
 from routes import openai as openai_routes
+from routes import playground as playground_routes
 from routes import rerank as rerank_routes
 from routes import tei as tei_routes
 from routes import tokenize as tokenize_routes
+from routes.bentoml_api import TypedApis
 from routes.cancellation import CancelOnDisconnect
 from routes.common import Timer
 from routes.errors import install_error_handlers
@@ -78,7 +80,8 @@ try:
 except PackageNotFoundError:
     SERVER_VERSION = "0.1.0"
 
-app = FastAPI(title="Hugging Face model server", version=SERVER_VERSION)
+# /docs is BentoML's OpenAPI document (these routes merged with the typed endpoints), not FastAPI's page.
+app = FastAPI(title="Hugging Face model server", version=SERVER_VERSION, docs_url=None, redoc_url=None)
 app.add_middleware(CancelOnDisconnect)  # a client that leaves cancels its handler, on every route
 
 
@@ -86,14 +89,6 @@ app.add_middleware(CancelOnDisconnect)  # a client that leaves cancels its handl
 install_error_handlers(app, ARGS.retry_after_s, ARGS.max_log_len)
 install_openapi(app)
 LIFECYCLE = Lifecycle()
-app.add_middleware(
-    RequestGuard,
-    api_key=ARGS.api_key.get_secret_value() if ARGS.api_key else None,
-    max_request_bytes=ARGS.max_request_bytes,
-    retry_after_s=ARGS.retry_after_s,
-    max_log_len=ARGS.max_log_len,
-    state=LIFECYCLE,
-)
 
 
 def _resources() -> dict[str, Any]:
@@ -115,8 +110,9 @@ def _resources() -> dict[str, Any]:
     tracing={} if ARGS.tracing else {"excluded_urls": ["/"]},
 )
 @bentoml.asgi_app(app, path="/")
-class HuggingFaceService:  # routes are mounted per instance in __init__
-    """Serves one Hugging Face model over KServe V1, Open Inference Protocol V2 and OpenAI routes."""
+class HuggingFaceService(TypedApis):  # routes are mounted per instance in __init__
+    """Serves one Hugging Face model: typed BentoML endpoints (TypedApis), KServe V1, Open Inference Protocol V2
+    and OpenAI routes, and a playground page."""
 
     if ARGS.bento_model:
         # Declared so that `bentoml build --arg bento_model=TAG` packs the model into the Bento.
@@ -139,7 +135,9 @@ class HuggingFaceService:  # routes are mounted per instance in __init__
         # Routers close over this instance: no per-request dependency has to find the service (BentoML's
         # class views resolve one in a thread pool for every request, a measurable share of a small request).
         # The fallback router answers unknown paths in their protocol's shape, so it comes last.
-        routers = (kserve_routes, openai_routes, tokenize_routes, rerank_routes, tei_routes, fallback_routes)
+        routers = (
+            kserve_routes, openai_routes, tokenize_routes, rerank_routes, tei_routes, playground_routes, fallback_routes
+        )  # fmt: skip
         for build_router in (module.build_router for module in routers):
             app.include_router(build_router(self))
 
@@ -175,3 +173,15 @@ class HuggingFaceService:  # routes are mounted per instance in __init__
 
     def __is_ready__(self) -> bool:
         return self.runtime.ready and not LIFECYCLE.draining
+
+
+# The guard wraps BentoML's outer app, so the typed @bentoml.api endpoints and the mounted routes alike pass
+# through the API key, the body limit and the drain; BentoML's health and metrics routes stay open.
+HuggingFaceService.add_asgi_middleware(
+    RequestGuard,
+    api_key=ARGS.api_key.get_secret_value() if ARGS.api_key else None,
+    max_request_bytes=ARGS.max_request_bytes,
+    retry_after_s=ARGS.retry_after_s,
+    max_log_len=ARGS.max_log_len,
+    state=LIFECYCLE,
+)

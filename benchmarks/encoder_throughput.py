@@ -17,7 +17,9 @@ from pathlib import Path
 
 import aiohttp
 import torch
+from tqdm import tqdm
 
+from benchmarks.charts import chart_path, concurrency_chart
 from benchmarks.report import print_table, write_results
 from handlers.registry import handler_class_for
 from handlers.requests import PredictOptions
@@ -37,7 +39,7 @@ def in_process_ceiling(seconds: float, batch_sizes: list[int]) -> dict[int, floa
     handler.warm_up()
     options = PredictOptions()
     rates = {}
-    for size in batch_sizes:
+    for size in tqdm(batch_sizes, desc="in-process batch sizes", unit="size"):
         done, started = 0, time.perf_counter()
         while time.perf_counter() - started < seconds:
             batch = [SENTENCES[(done + i) % len(SENTENCES)] for i in range(size)]
@@ -92,7 +94,8 @@ def main() -> None:
     try:
         url = f"{server.url}/v1/models/model:predict"
         asyncio.run(load(url, 8, 3))  # warm-up
-        served = {c: asyncio.run(load(url, c, options.seconds)) for c in (1, 8, 32)}
+        levels = tqdm((1, 8, 32), desc=f"served, {options.seconds:.0f} s per level", unit="level")
+        served = {c: asyncio.run(load(url, c, options.seconds)) for c in levels}
     finally:
         server.stop()
     ceiling = in_process_ceiling(options.seconds / 2, [1, 8, 32, 64])
@@ -110,7 +113,7 @@ def main() -> None:
     ]
     rows += [[f"in-process, batch {b}", f"{rate:.0f}", "", "", f"{rate / best:.2f}x"] for b, rate in ceiling.items()]
     print_table(["what", "inputs/s", "p50 ms", "p99 ms", "of ceiling"], rows)
-    write_results(
+    json_path = write_results(
         "encoder_throughput",
         {
             "server_args": server_args,
@@ -118,6 +121,15 @@ def main() -> None:
             "in_process_inputs_per_s": {str(b): r for b, r in ceiling.items()},
             "ratio_at_c32": served[32]["requests_per_s"] / best,
         },
+    )
+
+    concurrency_chart(
+        chart_path(json_path),
+        "Encoder throughput: one sentence per V1 request",
+        {"this server (V1 predict)": {c: r["requests_per_s"] for c, r in served.items()}},
+        latency={"this server (V1 predict)": {c: r["p99_ms"] for c, r in served.items()}},
+        references={f"in-process, batch {b}": rate for b, rate in ceiling.items() if b in (1, max(ceiling))},
+        throughput_label="inputs/s",
     )
 
 

@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
+from benchmarks.charts import chart_path, concurrency_chart
 from benchmarks.report import print_table, write_results
 from engines.generation.backend import GenerationRequest, SamplingOptions, StructuredOutput
 from engines.generation.transformers import TransformersBackend
@@ -128,16 +130,15 @@ async def main_async(options: argparse.Namespace) -> dict[str, Any]:
     ]
     if options.structured:
         runs.append(("batched_structured", batched, STRUCTURED))
-    for concurrency in options.concurrency:
-        for name, backend, structured in runs:
-            rounds = max(options.rounds, -(-options.min_requests // concurrency))
-            level = await run_level(backend, prompts, concurrency, rounds, options.max_tokens, structured)
-            results[name].append(level)
-            print(
-                f"{name:18} c={concurrency:<3} {level['tokens_per_s']:8.1f} tok/s  "
-                f"TTFT {level['ttft_median_ms']:7.1f} ms  TPOT {level['tpot_median_ms']:6.2f} ms",
-                flush=True,
-            )
+    progress = tqdm([(c, *run) for c in options.concurrency for run in runs], unit="level")
+    for concurrency, name, backend, structured in progress:
+        rounds = max(options.rounds, -(-options.min_requests // concurrency))
+        level = await run_level(backend, prompts, concurrency, rounds, options.max_tokens, structured)
+        results[name].append(level)
+        progress.write(
+            f"{name:18} c={concurrency:<3} {level['tokens_per_s']:8.1f} tok/s  "
+            f"TTFT {level['ttft_median_ms']:7.1f} ms  TPOT {level['tpot_median_ms']:6.2f} ms"
+        )
     await baseline.stop()
     await batched.stop()
     return {
@@ -188,7 +189,16 @@ def main() -> None:
     print_table(
         ["backend", "concurrency", "output tok/s", "TTFT p50 ms", "TTFT p90 ms", "TPOT p50 ms", "speed-up"], rows
     )
-    write_results("generation", figures)
+    json_path = write_results("generation", figures)
+    labels = {"batched": "continuous batching", "baseline": "one at a time (KServe's way)"}
+    concurrency_chart(
+        chart_path(json_path),
+        f"Generation, transformers backend: {figures['max_tokens']} tokens per request",
+        {labels[k]: {level["concurrency"]: level["tokens_per_s"] for level in figures[k]} for k in labels},
+        latency={labels[k]: {level["concurrency"]: level["ttft_p90_ms"] for level in figures[k]} for k in labels},
+        throughput_label="output tokens/s",
+        latency_label="TTFT p90 (ms)",
+    )
 
 
 if __name__ == "__main__":

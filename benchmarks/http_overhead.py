@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 
 import aiohttp
+from tqdm import tqdm
 
+from benchmarks.charts import bar_chart, chart_path
 from benchmarks.report import print_table, write_results
 from tests.server_process import ServerProcess
 
@@ -49,11 +51,15 @@ def main() -> None:
     server = ServerProcess(server_args, Path("/tmp/http-overhead-server.log")).wait_ready()
     try:
         asyncio.run(rate(server.url + "/", options.concurrency, 1))  # warm-up
-        rates = {route: asyncio.run(rate(server.url + route, options.concurrency, options.seconds)) for route in ROUTES}
+        routes = tqdm(ROUTES, desc=f"routes, {options.seconds:.0f} s each", unit="route")
+        rates = {route: asyncio.run(rate(server.url + route, options.concurrency, options.seconds)) for route in routes}
     finally:
         server.stop()
     print_table(["route", f"requests/s at c={options.concurrency}"], [[r, f"{v:.0f}"] for r, v in rates.items()])
-    write_results("http_overhead", {"server_args": server_args, "concurrency": options.concurrency, "rates": rates})
+    figures = {"server_args": server_args, "concurrency": options.concurrency, "rates": rates}
+    json_path = write_results("http_overhead", figures)
+    title = f"HTTP cost: routes that never touch the model, c={options.concurrency}"
+    bar_chart(chart_path(json_path), title, {f"GET {route}": value for route, value in rates.items()}, "requests/s")
 
 
 if __name__ == "__main__":

@@ -34,9 +34,15 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._~:+=/-]{1,128}")
-# GET routes open without the API key: liveness, readiness (whole server and per model) and the API docs.
-_OPEN_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
-_OPEN_PATTERNS = re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/ready|/v1/models/[^/:]+")
+# GET routes open without the API key: liveness, readiness (whole server and per model), metrics, the API docs
+# and the pages (BentoML's index and schema, the playground page; its calls to the model need the key).
+_OPEN_PATHS = frozenset(
+    {"/", "/v2/health/live", "/v2/health/ready", "/docs", "/docs/oauth2-redirect", "/openapi.json"}
+    | {"/livez", "/readyz", "/healthz", "/metrics", "/schema.json", "/docs.json", "/playground"}
+)
+_OPEN_PATTERNS = re.compile(
+    r"/v2/models/[^/]+(/versions/[^/]+)?/ready|/v1/models/[^/:]+|/static_content/.+|/playground/[\w.]+\.(js|css)"
+)
 
 
 def is_open_route(method: str, path: str) -> bool:

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import FileResponse, Response
 
 from handlers.requests import PredictOptions
 from protocols import v1, v2, v2_binary
@@ -20,6 +20,7 @@ from routes.common import (
     require_json,
 )
 from routes.openapi import errors, request_body
+from routes.playground import bentoml_index
 from settings.tasks import Task
 
 
@@ -27,8 +28,11 @@ def build_router(served: ServedModel) -> APIRouter:
     router = APIRouter()
     args, timer = served.args, served.timer
 
-    @router.get("/", response_model=v1.RootResponse)
-    async def root() -> dict[str, str]:
+    @router.get("/", response_model=v1.RootResponse, responses={200: {"content": {"text/html": {}}}})
+    async def root(request: Request) -> dict[str, str] | FileResponse:
+        """KServe's liveness answer, {"status": "alive"}; a browser (Accept: text/html) gets BentoML's index."""
+        if "text/html" in request.headers.get("accept", ""):
+            return bentoml_index()
         return {"status": "alive"}
 
     # --- V1 ---

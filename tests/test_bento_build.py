@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import bentoml
 import httpx
 import pytest
 import yaml
@@ -66,7 +67,8 @@ def test_bentofile_is_valid_build_config(name: str) -> None:
     assert config.python.lock_packages is False, "lock_packages: false keeps `bentoml build` offline"
     envs = {env.name: env.value for env in config.envs}
     assert envs.items() >= REQUIRED_ENV.items()
-    for pattern in ("service.py", "handlers/**/*.py", "protocols/**/*.py", "configs/*.yaml", "huggingfaceserver/**"):
+    sources = ("service.py", "handlers/**/*.py", "protocols/**/*.py", "configs/*.yaml", "huggingfaceserver/**")
+    for pattern in (*sources, "web/**"):
         assert pattern in config.include, f"{name} must include {pattern}"
 
 
@@ -155,6 +157,8 @@ def test_bento_sources(built_bento: tuple[Path, str, Path]) -> None:
         "settings/tasks.py",
         "engines/batcher.py",
         "protocols/v1.py",
+        "web/playground.html",
+        "web/playground.js",
     ):
         assert (src / required).is_file(), f"{required} is not in the Bento"
     configs = {path.name for path in (src / "configs").glob("*.yaml")}
@@ -236,3 +240,9 @@ def test_built_bento_serves_default_model(served_bento: tuple[str, str]) -> None
         assert predictions[0] != predictions[1]
         unknown = client.post("/v1/models/model:predict", json={"instances": ["hello"]})
         assert unknown.status_code == 404
+        # The typed BentoML endpoints answer like V1 (one model, one batcher), and the Bento carries the page.
+        assert client.get("/playground").status_code == 200
+        assert client.get("/playground/playground.js").status_code == 200
+    with bentoml.SyncHTTPClient(url) as bento_client:
+        assert {"embed", "chat", "classify"} <= set(bento_client.endpoints)
+        assert bento_client.embed(texts=["hello", "hello world"])["embeddings"] == predictions

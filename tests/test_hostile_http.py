@@ -155,6 +155,14 @@ def test_the_key_opens_model_routes_and_openai_client_works(server):
         OpenAI(base_url=server.url + "/openai/v1", api_key="wrong").models.list()
 
 
+def test_the_key_guards_bentomls_typed_endpoints_too(server):
+    """The guard wraps BentoML's outer app: the @bentoml.api endpoints need the key like every model route."""
+    body = {"texts": ["a"]}
+    refused = httpx.post(server.url + "/bentoml/classify", json=body, timeout=30)
+    assert refused.status_code == 401 and "API key" in refused.json()["error"]
+    assert httpx.post(server.url + "/bentoml/classify", headers=AUTH, json=body, timeout=30).status_code == 200
+
+
 @pytest.mark.parametrize(
     ("given", "echoed"),
     [("client-id.42", True), ("a" * 128, True), ("a" * 129, False), ("has space", False), ("semi;colon", False)],

@@ -1,0 +1,94 @@
+"""PNG charts beside a benchmark's table and JSON (matplotlib, Agg backend: no display needed).
+
+Every benchmark calls one of these with the figures it printed, and the chart is written next to the
+JSON of the same run (`chart_path(json_path)`), e.g. throughput and p99 latency by concurrency for
+this server, with the in-process ceiling and any peers measured as reference lines.
+
+    from benchmarks.charts import chart_path, concurrency_chart
+    concurrency_chart(chart_path(json_path), "MiniLM, V1 predict", {"this server": {1: 49, 8: 106}},
+                      latency={"this server": {1: 21, 8: 80}}, references={"in-process, batch 32": 204})
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+Series = Mapping[str, Mapping[int, float]]
+_STYLE = {"figure.dpi": 100, "font.size": 9, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
+          "axes.spines.right": False}
+
+
+def chart_path(json_path: Path) -> Path:
+    """The PNG beside a results JSON of `benchmarks.report.write_results`."""
+    return json_path.with_suffix(".png")
+
+
+def concurrency_chart(
+    out: Path,
+    title: str,
+    throughput: Series,
+    *,
+    latency: Series | None = None,
+    references: Mapping[str, float] | None = None,
+    throughput_label: str = "requests/s",
+    latency_label: str = "p99 latency (ms)",
+) -> Path:
+    """Throughput by concurrency (left) and latency by concurrency (right, when given), one line per
+    server; `references` (e.g. the in-process ceiling, a peer's best) are dashed horizontal lines."""
+    with plt.rc_context(_STYLE):
+        panels = 2 if latency else 1
+        figure, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.4), squeeze=False)
+        left = axes[0][0]
+        _lines(left, throughput, throughput_label)
+        for index, (label, value) in enumerate((references or {}).items()):
+            left.axhline(value, linestyle="--", linewidth=1, color=f"C{len(throughput) + index}", label=label)
+        left.set_ylim(bottom=0)
+        left.legend(frameon=False, fontsize=8)
+        if latency:
+            right = axes[0][1]
+            _lines(right, latency, latency_label)
+            right.set_ylim(bottom=0)
+            right.legend(frameon=False, fontsize=8)
+        figure.suptitle(title, fontsize=10)
+        figure.tight_layout()
+        return _save(figure, out)
+
+
+def bar_chart(out: Path, title: str, values: Mapping[str, float], value_label: str) -> Path:
+    """One bar per label (e.g. requests/s per route), the value written on each bar."""
+    with plt.rc_context(_STYLE):
+        figure, axis = plt.subplots(figsize=(5.2, 3.0))
+        labels = list(values)
+        bars = axis.bar(labels, [values[label] for label in labels], color=[f"C{i}" for i in range(len(labels))])
+        axis.bar_label(bars, fmt="%.0f", fontsize=8)
+        axis.set_ylabel(value_label)
+        axis.set_title(title, fontsize=10)
+        axis.grid(axis="x", visible=False)
+        figure.tight_layout()
+        return _save(figure, out)
+
+
+def _lines(axis: plt.Axes, series: Series, y_label: str) -> None:
+    for name, points in series.items():
+        levels = sorted(points)
+        axis.plot(levels, [points[c] for c in levels], marker="o", label=name)
+    every = sorted({c for points in series.values() for c in points})
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(every, [str(c) for c in every])
+    axis.minorticks_off()
+    axis.set_xlabel("concurrent clients")
+    axis.set_ylabel(y_label)
+
+
+def _save(figure: plt.Figure, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, format="png")
+    plt.close(figure)
+    print(f"wrote {out}")
+    return out
