@@ -15,9 +15,13 @@ from routes.common import ServedModel
 
 
 class _AnyPath(Convertor[str]):
-    """Starlette's `path` convertor stops at a newline (`.*`); a hostile path may hold one (%0A)."""
+    """Starlette's `path` convertor stops at a newline (`.*`); a hostile path may hold one (%0A).
 
-    regex = r"[\s\S]*"
+    BentoML's own outer routes that it adds after mounting this app (the OpenAPI document and the UI's
+    static files) are left to BentoML: a match here would hide them.
+    """
+
+    regex = r"(?!docs\.json$|static_content/|assets/)[\s\S]*"
 
     def convert(self, value: str) -> str:
         return value
