@@ -24,6 +24,7 @@ from protocols.errors import kserve_error_body, openai_error_body
 from protocols.kserve_generation import GenerativeRuntime
 from routes import kserve as kserve_routes
 from routes import openai as openai_routes
+from routes import vllm_openai as vllm_openai_routes
 from routes.common import OPENAI_PREFIX, Timer, json_response
 from settings.arguments import ArgumentError, ServerArguments, parse_arguments
 from settings.loading import ModelLoadError, ModelSource, apply_torch_threads, inspect_model
@@ -122,7 +123,9 @@ class HuggingFaceService:  # routes are mounted per instance in __init__
         self.server_name, self.server_version = SERVER_NAME, SERVER_VERSION
         # Routers close over this instance: no per-request dependency has to find the service (BentoML's
         # class views resolve one in a thread pool for every request, a measurable share of a small request).
-        for build_router in (kserve_routes.build_router, openai_routes.build_router):
+        # On the vLLM backend /openai is vLLM's own OpenAI layer on the same engine; else ours.
+        openai_router = vllm_openai_routes if getattr(self.generation, "name", None) == "vllm" else openai_routes
+        for build_router in (kserve_routes.build_router, openai_router.build_router):
             app.include_router(build_router(self))
 
     @bentoml.on_startup
