@@ -33,10 +33,12 @@ TOOLS = [
         "function": {
             "name": "get_weather",
             "description": "The current weather in a city",
+            "strict": True,  # vLLM pins the arguments to the schema only for strict tools (or --tool-strict-level)
             "parameters": {
                 "type": "object",
                 "properties": {"city": {"type": "string"}},
                 "required": ["city"],
+                "additionalProperties": False,
             },
         },
     }
@@ -81,7 +83,7 @@ def server(smollm2: Path, lora: Path, tmp_path_factory: pytest.TempPathFactory) 
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "BENTOML_HOME": str(home)}
     process = ServerProcess(args, home / "server.log", env=env)
     try:
-        yield process.wait_ready(timeout=400).url
+        yield process.wait_ready(timeout=600).url
     finally:
         process.stop()
 
@@ -137,14 +139,15 @@ def test_tool_choice_none_auto_required_named(client: openai.OpenAI, stream: boo
     messages = [{"role": "user", "content": "What is the weather in Paris? Use the tool."}]
 
     def calls(tool_choice: object) -> tuple[list[tuple[str, dict]], str]:
+        options = {"messages": messages, "tools": TOOLS, "tool_choice": tool_choice, "max_tokens": 32}
         if not stream:
-            message = chat(client, messages=messages, tools=TOOLS, tool_choice=tool_choice).choices[0].message
+            message = chat(client, **options).choices[0].message
             found = [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
             return found, message.content or ""
         names: dict[int, str] = {}
         arguments: dict[int, str] = {}
         text = ""
-        for chunk in chat(client, messages=messages, tools=TOOLS, tool_choice=tool_choice, stream=True):
+        for chunk in chat(client, **options, stream=True):
             if not chunk.choices:
                 continue
             delta = chunk.choices[0].delta
