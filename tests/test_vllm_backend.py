@@ -38,7 +38,7 @@ from engines.generation.vllm_backend import (
     cpu_unsupported_reason,
 )
 from handlers.errors import InvalidInput, NotReady, Overloaded
-from settings.arguments import parse_arguments
+from settings.arguments import ArgumentError, parse_arguments
 from settings.loading import ModelLoadError, inspect_model
 
 T = TypeVar("T")
@@ -183,6 +183,23 @@ def test_vllm_serve_arguments_are_parsed_by_vllms_parser(llama_dir: Path, tmp_pa
     assert namespace.enable_prefix_caching is False and namespace.hf_overrides == {"rope_theta": 10000}
     assert namespace.response_role == "bot" and namespace.reasoning_parser == "deepseek_r1"
     assert namespace.served_model_name == ["model"]
+
+
+def test_vllm_serve_flags_verbatim_after_python_m_huggingfaceserver(llama_dir: Path) -> None:
+    from huggingfaceserver.__main__ import kserve_to_bentoml
+
+    flags = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--lora-modules", "a=/x", "b=/y"]
+    command = kserve_to_bentoml([f"--model_dir={llama_dir}", "--enable-lora", *flags])
+    given = dict(command[i + 1].split("=", 1) for i in range(2, len(command), 2) if command[i] == "--arg")
+    args = parse_arguments(given, environ={})
+    namespace = VLLMBackend(inspect_model(args), args).serve_arguments()
+    assert namespace.enable_auto_tool_choice is True and namespace.tool_call_parser == "hermes"
+    assert [(module.name, module.path) for module in namespace.lora_modules] == [("a", "/x"), ("b", "/y")]
+
+
+def test_unknown_vllm_names_are_refused_with_the_closest(llama_dir: Path) -> None:
+    with pytest.raises(ArgumentError, match="'tool_call_parsr' \\(did you mean 'tool_call_parser'\\?\\)"):
+        parse_arguments({"model_dir": str(llama_dir), "tool-call-parsr": "hermes"}, environ={})
 
 
 def test_a_value_vllm_refuses_stops_the_start(llama_dir: Path) -> None:
