@@ -56,7 +56,7 @@ def make_lora(base: Path, target: Path) -> Path:
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
             if "lora_B" in name:
-                parameter.normal_(0.0, 0.02)
+                parameter.normal_(0.0, 0.2)
     peft_model.save_pretrained(str(target))
     return target
 
@@ -139,7 +139,7 @@ def test_tool_choice_none_auto_required_named(client: openai.OpenAI, stream: boo
     messages = [{"role": "user", "content": "What is the weather in Paris? Use the tool."}]
 
     def calls(tool_choice: object) -> tuple[list[tuple[str, dict]], str]:
-        options = {"messages": messages, "tools": TOOLS, "tool_choice": tool_choice, "max_tokens": 32}
+        options = {"messages": messages, "tools": TOOLS, "tool_choice": tool_choice, "max_tokens": 80}
         if not stream:
             message = chat(client, **options).choices[0].message
             found = [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
