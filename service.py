@@ -28,6 +28,7 @@ from routes import playground as playground_routes
 from routes import rerank as rerank_routes
 from routes import tei as tei_routes
 from routes import tokenize as tokenize_routes
+from routes import vllm_openai as vllm_openai_routes
 from routes.bentoml_api import TypedApis
 from routes.cancellation import CancelOnDisconnect
 from routes.common import Timer
@@ -134,10 +135,13 @@ class HuggingFaceService(TypedApis):  # routes are mounted per instance in __ini
         self.server_name, self.server_version = SERVER_NAME, SERVER_VERSION
         # Routers close over this instance: no per-request dependency has to find the service (BentoML's
         # class views resolve one in a thread pool for every request, a measurable share of a small request).
+        # On the vLLM backend /openai is vLLM's own OpenAI layer on the same engine (tokenize included); else ours.
         # The fallback router answers unknown paths in their protocol's shape, so it comes last.
-        routers = (
-            kserve_routes, openai_routes, tokenize_routes, rerank_routes, tei_routes, playground_routes, fallback_routes
-        )  # fmt: skip
+        if getattr(self.generation, "name", None) == "vllm":
+            openai_layer: tuple[Any, ...] = (vllm_openai_routes,)
+        else:
+            openai_layer = (openai_routes, tokenize_routes)
+        routers = (kserve_routes, *openai_layer, rerank_routes, tei_routes, playground_routes, fallback_routes)
         for build_router in (module.build_router for module in routers):
             app.include_router(build_router(self))
 

@@ -2,12 +2,14 @@
 
 `python -m huggingfaceserver --model_name=m --model_id=org/name --http_port=8080 --return_probabilities`
 becomes `bentoml serve service:HuggingFaceService --port 8080 --arg model_name=m ...`. Every flag of KServe's
-model server is accepted (README: "KServe's model-server flags"), and so are vLLM's dash-case flags.
+model server is accepted (README: "KServe's model-server flags"), and `vllm serve` flags are taken verbatim
+too (`--enable-auto-tool-choice --tool-call-parser hermes --lora-modules a=/x b=/y`).
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -34,12 +36,13 @@ def kserve_to_bentoml(argv: list[str]) -> list[str]:
         name, has_value, value = token[2:].partition("=")
         name = name.replace("-", "_")
         if not has_value:
-            # `--flag value` or a bare boolean `--flag`, as KServe's argparse accepts.
-            if index < len(argv) and not argv[index].startswith("--"):
-                value = argv[index]
+            # `--flag value`, `--flag value value ...` (vllm serve's list options, e.g. --lora-modules a=/x b=/y)
+            # or a bare boolean `--flag`, as KServe's and vLLM's argparse accept.
+            words = []
+            while index < len(argv) and not argv[index].startswith("--"):
+                words.append(argv[index])
                 index += 1
-            else:
-                value = "true"
+            value = "true" if not words else words[0] if len(words) == 1 else shlex.join(words)
         if name in _SERVER_FLAGS:
             if _SERVER_FLAGS[name]:
                 serve_options += [_SERVER_FLAGS[name], value]

@@ -3,14 +3,14 @@
 Values come from, lowest precedence first: the field defaults, environment variables
 (`HF_SERVE_<NAME>`, e.g. `HF_SERVE_MODEL_ID`, for one image that serves any model),
 then `bentoml serve --arg-file` / `--arg NAME=VALUE`. Unknown names stop the start with a
-message naming them and the closest valid name (KServe ignores them silently). Names of vLLM
-engine arguments (fields of vllm's AsyncEngineArgs, e.g. max_num_seqs) are passed through to the
-vLLM engine in `ServerArguments.engine_args`, values as given.
+message naming them and the closest valid name (KServe ignores them silently). Every `vllm serve`
+argument, engine and frontend (e.g. max_num_seqs, enable_auto_tool_choice, tool_call_parser,
+lora_modules; snake or dash case), is passed through in `ServerArguments.engine_args`, values as given;
+the vLLM backend parses them with vLLM's own parser (settings/vllm_serve_args.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import functools
 import importlib.util
@@ -44,6 +44,8 @@ COMMON_ENGINE_ARGS = frozenset(
         "cpu_offload_gb", "kv_cache_memory_bytes", "swap_space", "enable_lora", "max_loras", "max_lora_rank",
         "speculative_config", "compilation_config", "hf_overrides", "override_generation_config",
         "generation_config", "disable_log_stats", "enable_log_requests", "async_scheduling", "served_model_name",
+        "enable_auto_tool_choice", "tool_call_parser", "lora_modules", "chat_template", "reasoning_parser",
+        "response_role", "structured_outputs_config",
     }
 )  # fmt: skip
 # AsyncEngineArgs fields the server sets itself, and the server argument to use instead.
@@ -52,16 +54,16 @@ _RESERVED_ENGINE_ARGS = {"model": "model_id", "tokenizer": "model_dir", "revisio
 
 @functools.cache
 def engine_argument_names() -> frozenset[str]:
-    """Names that go to the vLLM engine: vllm's AsyncEngineArgs fields, or COMMON_ENGINE_ARGS without vllm.
+    """Names that go to vLLM: every `vllm serve` option (engine and frontend), or COMMON_ENGINE_ARGS without vllm.
 
     vllm is imported only here, and only when some name is not a server argument (it takes seconds).
     """
     names: frozenset[str] = COMMON_ENGINE_ARGS
     if importlib.util.find_spec("vllm") is not None:
         try:
-            from vllm.engine.arg_utils import AsyncEngineArgs
+            from settings.vllm_serve_args import serve_argument_names
 
-            names = frozenset(field.name for field in dataclasses.fields(AsyncEngineArgs))
+            names = serve_argument_names()
         except Exception:  # a broken vllm install raises anything at import time
             pass
     return frozenset(name for name in names if not name.startswith("_") and name not in _RESERVED_ENGINE_ARGS)
@@ -282,7 +284,8 @@ class ServerArguments(BaseModel):
     )
     engine_args: dict[str, Any] = Field(
         default_factory=dict,
-        description="vLLM engine arguments given by their own names (e.g. --arg max_num_seqs=64), values as given.",
+        description="`vllm serve` arguments (engine and frontend) given by their own names, e.g. --arg "
+        "max_num_seqs=64 --arg enable_auto_tool_choice=true; values as given, parsed by vLLM's own parser.",
     )
 
     @model_validator(mode="after")
@@ -341,7 +344,8 @@ def _unknown_names_message(unknown: list[str]) -> str:
 def parse_arguments(given: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> ServerArguments:
     """Merge environment and given arguments and validate them; ArgumentError names every problem."""
     merged: dict[str, Any] = dict(arguments_from_env(os.environ if environ is None else environ))
-    for name, value in given.items():
+    for given_name, value in given.items():
+        name = given_name.replace("-", "_")  # `vllm serve` spells names in dash case
         # An alias given explicitly replaces the canonical name taken from the environment.
         for canonical, field in ServerArguments.model_fields.items():
             alias = field.validation_alias

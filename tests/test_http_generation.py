@@ -119,7 +119,10 @@ def test_generation_errors_are_400_and_404(servers, backend):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="other", prompt=PROMPT, max_tokens=2)
     response = httpx.post(f"{servers[backend]}/openai/v1/embeddings", json={"input": "x"})
-    assert response.status_code == 400 and "text_embedding" in response.json()["error"]["message"]
+    if backend == "vllm":  # vLLM's own layer has pooling routes only for a pooling model
+        assert response.status_code == 404
+    else:
+        assert response.status_code == 400 and "text_embedding" in response.json()["error"]["message"]
     assert client.completions.create(model="llama", prompt=PROMPT, max_tokens=2).choices
 
 

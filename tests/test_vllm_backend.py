@@ -35,12 +35,11 @@ from engines.generation.backend import (
 from engines.generation.vllm_backend import (
     CPU_ENV_DEFAULTS,
     VLLMBackend,
-    convert_engine_args,
     cpu_unsupported_reason,
 )
 from handlers.errors import InvalidInput, NotReady, Overloaded
-from settings.arguments import parse_arguments
-from settings.loading import inspect_model
+from settings.arguments import ArgumentError, parse_arguments
+from settings.loading import ModelLoadError, inspect_model
 
 T = TypeVar("T")
 
@@ -130,8 +129,7 @@ def test_engine_arguments_from_server_arguments(llama_dir: Path) -> None:
             "model_revision": "main",
             "max_num_seqs": "8",
             "enforce_eager": "true",
-            "gpu_memory_utilization": "0.5",
-            "quantization": "none",
+            "gpu-memory-utilization": "0.5",
         },
         environ={"HF_SERVE_MAX_NUM_BATCHED_TOKENS": "512"},
     )
@@ -139,16 +137,15 @@ def test_engine_arguments_from_server_arguments(llama_dir: Path) -> None:
         "max_num_seqs": "8",
         "enforce_eager": "true",
         "gpu_memory_utilization": "0.5",
-        "quantization": "none",
         "max_num_batched_tokens": "512",
     }
     kwargs = VLLMBackend(inspect_model(args), args, engine_args={"seed": 7}).engine_arguments()
     assert kwargs["model"] == kwargs["tokenizer"] == str(llama_dir)
     assert kwargs["dtype"] == "float32" and kwargs["max_model_len"] == 128 and kwargs["revision"] == "main"
     assert kwargs["max_num_seqs"] == 8 and kwargs["enforce_eager"] is True
-    assert kwargs["gpu_memory_utilization"] == 0.5 and kwargs["quantization"] is None
+    assert kwargs["gpu_memory_utilization"] == 0.5 and kwargs["served_model_name"] == ["model"]
     assert kwargs["max_num_batched_tokens"] == 512 and kwargs["seed"] == 7
-    assert "tensor_parallel_size" not in kwargs  # gpus 0
+    assert kwargs["tensor_parallel_size"] == 1  # gpus 0: vLLM's default
 
 
 def test_tensor_parallel_size_defaults_to_gpus(llama_dir: Path) -> None:
@@ -158,25 +155,57 @@ def test_tensor_parallel_size_defaults_to_gpus(llama_dir: Path) -> None:
     assert VLLMBackend(inspect_model(args), args).engine_arguments()["tensor_parallel_size"] == 1
 
 
-def test_engine_argument_conversion() -> None:
-    converted = convert_engine_args(
+def test_vllm_serve_arguments_are_parsed_by_vllms_parser(llama_dir: Path, tmp_path: Path) -> None:
+    """Engine and frontend arguments by their `vllm serve` names, typed as `vllm serve` types them."""
+    from vllm.entrypoints.openai.models.protocol import LoRAModulePath
+
+    args = parse_arguments(
         {
+            "model_dir": str(llama_dir),
+            "enable-auto-tool-choice": "true",
+            "tool_call_parser": "hermes",
+            "enable_lora": "true",
+            "max_lora_rank": "8",
+            "lora_modules": f"first={tmp_path} second={tmp_path}",
             "enable_prefix_caching": "false",
-            "max_num_seqs": "none",
             "hf_overrides": '{"rope_theta": 10000}',
-            "kv_cache_dtype": "auto",
-            "max_lora_rank": "32",
-            "block_size": 16,
-        }
+            "response_role": "bot",
+        },
+        environ={"HF_SERVE_REASONING_PARSER": "deepseek_r1"},
     )
-    assert converted == {
-        "enable_prefix_caching": False,
-        "max_num_seqs": None,
-        "hf_overrides": {"rope_theta": 10000},
-        "kv_cache_dtype": "auto",
-        "max_lora_rank": 32,
-        "block_size": 16,
-    }
+    namespace = VLLMBackend(inspect_model(args), args).serve_arguments()
+    assert namespace.enable_auto_tool_choice is True and namespace.tool_call_parser == "hermes"
+    assert namespace.lora_modules == [
+        LoRAModulePath(name="first", path=str(tmp_path)),
+        LoRAModulePath(name="second", path=str(tmp_path)),
+    ]
+    assert namespace.enable_lora is True and namespace.max_lora_rank == 8
+    assert namespace.enable_prefix_caching is False and namespace.hf_overrides == {"rope_theta": 10000}
+    assert namespace.response_role == "bot" and namespace.reasoning_parser == "deepseek_r1"
+    assert namespace.served_model_name == ["model"]
+
+
+def test_vllm_serve_flags_verbatim_after_python_m_huggingfaceserver(llama_dir: Path) -> None:
+    from huggingfaceserver.__main__ import kserve_to_bentoml
+
+    flags = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--lora-modules", "a=/x", "b=/y"]
+    command = kserve_to_bentoml([f"--model_dir={llama_dir}", "--enable-lora", *flags])
+    given = dict(command[i + 1].split("=", 1) for i in range(2, len(command), 2) if command[i] == "--arg")
+    args = parse_arguments(given, environ={})
+    namespace = VLLMBackend(inspect_model(args), args).serve_arguments()
+    assert namespace.enable_auto_tool_choice is True and namespace.tool_call_parser == "hermes"
+    assert [(module.name, module.path) for module in namespace.lora_modules] == [("a", "/x"), ("b", "/y")]
+
+
+def test_unknown_vllm_names_are_refused_with_the_closest(llama_dir: Path) -> None:
+    with pytest.raises(ArgumentError, match="'tool_call_parsr' \\(did you mean 'tool_call_parser'\\?\\)"):
+        parse_arguments({"model_dir": str(llama_dir), "tool-call-parsr": "hermes"}, environ={})
+
+
+def test_a_value_vllm_refuses_stops_the_start(llama_dir: Path) -> None:
+    args = parse_arguments({"model_dir": str(llama_dir), "max_num_seqs": "many"}, environ={})
+    with pytest.raises(ModelLoadError, match="max-num-seqs"):
+        VLLMBackend(inspect_model(args), args).serve_arguments()
 
 
 def test_cpu_head_size_check(llama_dir: Path, tiny_models: dict[str, Path]) -> None:

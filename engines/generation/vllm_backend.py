@@ -6,11 +6,15 @@ own API, not over HTTP). Each `generate()` maps `SamplingOptions` to `vllm.Sampl
 `output_kind=DELTA` and turns every `RequestOutput` into a `GenerationOutput` of the choices that
 moved. Closing or cancelling the consumer aborts the request in the engine.
 
-Engine arguments, lowest precedence first: what the server decides (model folder, dtype,
-max_model_len, trust_remote_code, revisions, tensor_parallel_size = gpus when gpus > 1,
-max_num_queued_reqs = max_queue_size), then `ServerArguments.engine_args` (vLLM's own argument
-names; strings from `--arg` or the environment are converted to the field's type), then the
-`engine_args` given to the constructor (tests).
+`vllm serve` arguments, lowest precedence first: what the server decides (model folder, dtype,
+max_model_len, trust_remote_code, revisions, served_model_name = model_name, tensor_parallel_size = gpus
+when gpus > 1, max_num_queued_reqs = max_queue_size), then `ServerArguments.engine_args` (any `vllm serve`
+argument by its own name), all parsed by vLLM's own parser into the Namespace `vllm serve` would build;
+then the `engine_args` given to the constructor (tests; typed values set on that Namespace). The engine
+is `AsyncEngineArgs.from_cli_args(namespace)`; once it is up, `openai_app` is vLLM's own OpenAI server
+app on it (engines/generation/vllm_openai.py), which routes/vllm_openai.py serves under /openai.
+vLLM's engine statistics are on (disable_log_stats false unless given), so its Prometheus metrics
+(vllm:num_requests_running, vllm:kv_cache_usage_perc, TTFT, ...) are recorded for /metrics.
 
 On a CPU the engine reads two environment variables, set here when unset:
 VLLM_CPU_KVCACHE_SPACE (GiB of KV cache, default 1) and VLLM_ENABLE_V1_MULTIPROCESSING=0 (the model
@@ -19,14 +23,12 @@ runs in the engine-core process rather than in one more worker process: starts i
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import os
-import types
-import typing
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -48,54 +50,13 @@ from handlers.errors import InvalidInput, NotReady, Overloaded, ServingError
 from settings.arguments import ServerArguments
 from settings.loading import ModelLoadError, ModelSource
 from settings.tasks import Task
+from settings.vllm_serve_args import ServeArgumentError, parse_serve_arguments
 
 logger = logging.getLogger(__name__)
 
 CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _DEFAULT_MAX_LOGPROBS = 20  # vLLM's default max_logprobs
-
-
-def _convert(value: str, annotation: Any) -> Any:
-    """A string from `--arg`/the environment as the AsyncEngineArgs field type wants it; else unchanged."""
-    origin = typing.get_origin(annotation)
-    if origin is typing.Union or origin is types.UnionType:
-        options = typing.get_args(annotation)
-    elif origin is typing.Literal:
-        options = tuple({type(choice) for choice in typing.get_args(annotation)})
-    else:
-        options = (annotation,)
-    text = value.strip()
-    if type(None) in options and text.lower() in ("none", "null"):
-        return None
-    for option in options:
-        try:
-            if option is bool:
-                if text.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if text.lower() in ("0", "false", "no", "off"):
-                    return False
-            elif option is int:
-                return int(text)
-            elif option is float:
-                return float(text)
-        except ValueError:
-            continue
-    if text[:1] in ("{", "["):  # dict-valued fields (compilation_config, hf_overrides, ...)
-        with contextlib.suppress(ValueError):
-            return json.loads(text)
-    return value
-
-
-def convert_engine_args(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Engine arguments with string values converted to their AsyncEngineArgs field types."""
-    from vllm import AsyncEngineArgs
-
-    fields = {field.name: field.type for field in dataclasses.fields(AsyncEngineArgs)}
-    return {
-        name: _convert(value, fields[name]) if isinstance(value, str) and name in fields else value
-        for name, value in values.items()
-    }
 
 
 def cpu_unsupported_reason(source: ModelSource) -> str | None:
@@ -148,34 +109,46 @@ class VLLMBackend:
         self.max_model_len = source.max_model_len
         self.sampling_defaults = generation_config_defaults(source)
         self.engine: Any = None  # vllm.v1.engine.async_llm.AsyncLLM once started
+        self.openai_app: Any = None  # vLLM's OpenAI server app (FastAPI) on that engine, once started
         self._overrides = dict(engine_args or {})
         self._max_logprobs = _DEFAULT_MAX_LOGPROBS
         self._token_text: dict[int, str] = {}
 
     # ---- life cycle ----
 
-    def engine_arguments(self) -> dict[str, Any]:
-        """The keyword arguments of AsyncEngineArgs for this model (see the module docstring)."""
+    def serve_arguments(self) -> argparse.Namespace:
+        """The `vllm serve` Namespace for this model (see the module docstring)."""
         source, args = self.source, self.args
-        kwargs: dict[str, Any] = {
+        values: dict[str, Any] = {
             "model": str(source.path),
             "tokenizer": str(source.path),
-            "served_model_name": args.model_name,
+            "served_model_name": [args.model_name],
             "dtype": _DTYPE_NAMES.get(source.dtype, "auto"),
             "max_model_len": source.max_model_len,
             "trust_remote_code": args.trust_remote_code,
             "max_num_queued_reqs": args.max_queue_size,
-            "disable_log_stats": True,
+            "disable_log_stats": False,
         }
         if args.model_revision:
-            kwargs["revision"] = args.model_revision
+            values["revision"] = args.model_revision
         if args.tokenizer_revision:
-            kwargs["tokenizer_revision"] = args.tokenizer_revision
+            values["tokenizer_revision"] = args.tokenizer_revision
         if args.gpus > 1:
-            kwargs["tensor_parallel_size"] = args.gpus
-        kwargs.update(convert_engine_args(args.engine_args))
-        kwargs.update(convert_engine_args(self._overrides))
-        return kwargs
+            values["tensor_parallel_size"] = args.gpus
+        try:
+            namespace = parse_serve_arguments({**values, **args.engine_args})
+        except ServeArgumentError as error:
+            raise ModelLoadError(f"invalid vLLM arguments: {error}") from None
+        for name, value in self._overrides.items():
+            setattr(namespace, name, value)
+        return namespace
+
+    def engine_arguments(self) -> dict[str, Any]:
+        """The fields of the AsyncEngineArgs built from `serve_arguments()`."""
+        from vllm import AsyncEngineArgs
+
+        engine_args = AsyncEngineArgs.from_cli_args(self.serve_arguments())
+        return {field.name: getattr(engine_args, field.name) for field in dataclasses.fields(engine_args)}
 
     async def start(self) -> None:
         if self.engine is not None:
@@ -186,9 +159,9 @@ class VLLMBackend:
         if self.source.device.type == "cpu":
             for name, value in CPU_ENV_DEFAULTS.items():
                 os.environ.setdefault(name, value)
-        kwargs = self.engine_arguments()
+        namespace = self.serve_arguments()
         # Building the engine blocks for seconds (it starts and waits for the engine-core process).
-        self.engine = await asyncio.to_thread(self._build_engine, kwargs)
+        self.engine = await asyncio.to_thread(self._build_engine, namespace)
         model_config = self.engine.model_config
         self.max_model_len = int(model_config.max_model_len)
         self._max_logprobs = int(getattr(model_config, "max_logprobs", _DEFAULT_MAX_LOGPROBS))
@@ -197,6 +170,13 @@ class VLLMBackend:
         except Exception as error:
             await self.stop()
             raise ModelLoadError(f"the vLLM engine failed its first request: {type(error).__name__}: {error}") from None
+        from engines.generation.vllm_openai import build_openai_app
+
+        try:
+            self.openai_app = await build_openai_app(self.engine, namespace)
+        except Exception as error:
+            await self.stop()
+            raise ModelLoadError(f"vLLM's OpenAI layer did not start: {type(error).__name__}: {error}") from error
         logger.info("vLLM engine started: %s, max_model_len %d", self.source.path, self.max_model_len)
 
     async def _warm_up(self) -> None:
@@ -209,20 +189,22 @@ class VLLMBackend:
             pass
 
     @staticmethod
-    def _build_engine(kwargs: dict[str, Any]) -> Any:
+    def _build_engine(namespace: argparse.Namespace) -> Any:
         from vllm import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         try:
-            engine_args = AsyncEngineArgs(**kwargs)
-        except TypeError as error:
+            engine_args = AsyncEngineArgs.from_cli_args(namespace)
+        except (TypeError, ValueError) as error:
             raise ModelLoadError(f"invalid vLLM engine arguments: {error}") from None
         try:
-            return AsyncLLM.from_engine_args(engine_args)
+            return AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER)
         except Exception as error:
             raise ModelLoadError(f"the vLLM engine did not start: {type(error).__name__}: {error}") from error
 
     async def stop(self) -> None:
+        self.openai_app = None
         engine, self.engine = self.engine, None
         if engine is not None:
             engine.shutdown()
