@@ -128,6 +128,8 @@ class VLLMBackend:
             "trust_remote_code": args.trust_remote_code,
             "max_num_queued_reqs": args.max_queue_size,
             "disable_log_stats": False,
+            # A server argument of ours with vLLM's name and meaning: it reaches vLLM's own chat layer too.
+            "trust_request_chat_template": args.trust_request_chat_template,
         }
         if args.model_revision:
             values["revision"] = args.model_revision
