@@ -180,12 +180,15 @@ class HuggingFaceService(TypedApis):  # routes are mounted per instance in __ini
 
 
 # The guard wraps BentoML's outer app, so the typed @bentoml.api endpoints and the mounted routes alike pass
-# through the API key, the body limit and the drain; BentoML's health and metrics routes stay open.
-HuggingFaceService.add_asgi_middleware(
-    RequestGuard,
-    api_key=ARGS.api_key.get_secret_value() if ARGS.api_key else None,
-    max_request_bytes=ARGS.max_request_bytes,
-    retry_after_s=ARGS.retry_after_s,
-    max_log_len=ARGS.max_log_len,
-    state=LIFECYCLE,
-)
+# through the API key, the body limit and the drain (BentoML's health and metrics routes stay open); inside the
+# FastAPI app a second guard only turns a route's bug into a protocol-shaped 500 (or does it all when the app is
+# served alone).
+_GUARD_OPTIONS: dict[str, Any] = {
+    "api_key": ARGS.api_key.get_secret_value() if ARGS.api_key else None,
+    "max_request_bytes": ARGS.max_request_bytes,
+    "retry_after_s": ARGS.retry_after_s,
+    "max_log_len": ARGS.max_log_len,
+    "state": LIFECYCLE,
+}
+app.add_middleware(RequestGuard, **_GUARD_OPTIONS)
+HuggingFaceService.add_asgi_middleware(RequestGuard, **_GUARD_OPTIONS)

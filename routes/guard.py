@@ -77,6 +77,10 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        known = scope.get("state", {}).get("request_id")
+        if known is not None:  # the guard around BentoML's outer app checked this request already
+            await self._answer_bugs(scope, receive, send, known)
+            return
         request_id = b""
         content_length = b""
         authorization = b""
@@ -90,12 +94,9 @@ class RequestGuard:
         if not _REQUEST_ID.fullmatch(request_id):
             request_id = uuid.uuid4().hex.encode()
         scope.setdefault("state", {})["request_id"] = request_id.decode()
-        started = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal started
             if message["type"] == "http.response.start":
-                started = True
                 headers = [*message.get("headers", ()), (REQUEST_ID_HEADER.encode(), request_id)]
                 if message["status"] == 413:  # the rest of the body was never read: do not reuse the connection
                     headers.append((b"connection", b"close"))
@@ -121,17 +122,29 @@ class RequestGuard:
         if state is not None:
             state.in_flight += 1
         try:
-            await self.app(scope, counted_receive, send_with_id)
-        except Exception as error:  # a bug: log it once here, answer in the protocol's shape, keep the connection
-            self._log_exception(scope, error)
-            if not started:
-                failure = ServingError(
-                    f"internal server error; the server log has the details under request id {request_id.decode()}"
-                )
-                await self._answer(scope, send_with_id, failure)
+            await self._answer_bugs(scope, counted_receive, send_with_id, request_id.decode())
         finally:
             if state is not None:
                 state.in_flight -= 1
+
+    async def _answer_bugs(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
+        """Run the app; a bug is logged once and answered in the protocol's shape, keeping the connection."""
+        started = False
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception as error:
+            self._log_exception(scope, error)
+            if not started:
+                failure = ServingError(
+                    f"internal server error; the server log has the details under request id {request_id}"
+                )
+                await self._answer(scope, send, failure)
 
     def _refusal(self, scope: Scope, content_length: bytes, authorization: bytes) -> ServingError | None:
         if self.state is not None and getattr(self.state, "draining", False):

@@ -34,8 +34,10 @@ def test_a_500_keeps_its_shape_logs_once_and_keeps_the_connection(tiny_models, m
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     service = module.HuggingFaceService()
+    deadline = time.monotonic() + 120
     while not service.runtime.ready:
         assert service.runtime.load_error is None
+        assert time.monotonic() < deadline, "the model did not load in 120 s"
         time.sleep(0.05)
 
     formatted = v1.predict_response
