@@ -172,7 +172,9 @@ def build_router(served: ServedModel) -> APIRouter:
         """The served model and limits, in TEI's shape (TGI's fields added for generative models)."""
         return tei.Info.model_validate(_info(served))
 
-    @router.get("/health")
+    empty_body = {200: {"description": "Healthy; the body is empty", "content": {}}}
+
+    @router.get("/health", response_class=Response, responses=empty_body)  # type: ignore[arg-type]
     async def health() -> Response:
         """200 when the model answers, 503 (error_type unhealthy) while loading or after a failed load."""
         if not served.runtime.ready:

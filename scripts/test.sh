@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Sets up .venv with the test extras, then runs the whole test suite offline.
+# Sets up .venv with the test extras, then runs the test suite offline: every test but those marked slow
+# (a real model through vLLM, grammar-constrained SmolLM2 batches, a browser on SmolLM2, schemathesis).
+# RUN_SLOW=1 runs those too; arguments go to pytest (e.g. `bash scripts/test.sh -m slow`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
@@ -17,4 +19,7 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
 fi
 export HF_HUB_OFFLINE=1
 .venv/bin/ruff check .
-exec .venv/bin/pytest "$@"
+if [ "${RUN_SLOW:-0}" = "1" ]; then
+  exec .venv/bin/pytest "$@"
+fi
+exec .venv/bin/pytest -m "not slow" "$@"

@@ -21,7 +21,10 @@ def load_service(arguments: dict[str, str]) -> tuple[ModuleType, Any]:
     """(the service module, a started HuggingFaceService instance) for these `--arg` values."""
     set_arguments(dict(arguments))
     sys.modules.pop("service", None)
-    service = importlib.import_module("service")
+    try:
+        service = importlib.import_module("service")
+    finally:
+        set_arguments({})  # BentoML keeps them process-wide: a later import must not see this test's model
     instance = service.HuggingFaceService.inner()
 
     async def start() -> None:

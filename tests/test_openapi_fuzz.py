@@ -80,6 +80,8 @@ def test_the_document_declares_typed_bodies_for_model_routes(served: ServerProce
         if path.endswith("completions"):  # generation routes: their schemas come with the OpenAI layer's rework
             continue
         for method, operation in operations.items():
+            if operation["responses"]["200"].get("content") == {}:  # declared as an empty body (TEI's /health)
+                continue
             ok = operation["responses"]["200"]["content"]["application/json"]["schema"]
             assert ok, f"{method} {path} has no response schema"
             assert "422" not in operation["responses"]
