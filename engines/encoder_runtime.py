@@ -15,7 +15,7 @@ import time
 from engines.batcher import MicroBatcher
 from handlers.base import PredictiveHandler, is_pair
 from handlers.encoding import Encoded, first_cut
-from handlers.errors import InputTooLarge, InvalidInput, NotReady, ServingError
+from handlers.errors import InvalidInput, NotReady, PayloadTooLarge, ServingError
 from handlers.registry import handler_class_for
 from handlers.requests import (
     GENERATION_ONLY_OPTIONS,
@@ -139,21 +139,21 @@ class PredictiveRuntime:
     def check_limits(self, texts: list[TextInput]) -> None:
         """413 for a request over an input limit, before any work; the limit's argument is named."""
         if len(texts) > self.args.max_client_batch_size:
-            raise InputTooLarge(
+            raise PayloadTooLarge(
                 f"{len(texts)} inputs in one request is more than max_client_batch_size="
                 f"{self.args.max_client_batch_size}; split the request",
                 param="inputs",
             )
         if len(texts) > self.args.max_queue_size:
             # Never queueable, so not the batcher's 429 (retrying would not help).
-            raise InputTooLarge(
+            raise PayloadTooLarge(
                 f"{len(texts)} inputs in one request is more than max_queue_size={self.args.max_queue_size}",
                 param="inputs",
             )
         limit = self.args.max_input_characters
         for index, text in enumerate(texts):
             if input_size(text) > limit:
-                raise InputTooLarge(
+                raise PayloadTooLarge(
                     f"input {index} has {input_size(text)} characters, more than max_input_characters={limit}",
                     param="inputs",
                 )

@@ -22,13 +22,6 @@ class InvalidInput(ServingError):
     error_type = "invalid_request_error"
 
 
-class InputTooLarge(ServingError):
-    """A request over an input limit (inputs per request, characters per input): 413 names the limit."""
-
-    status_code = 413
-    error_type = "invalid_request_error"
-
-
 class ModelNotFound(ServingError):
     status_code = 404
     error_type = "not_found_error"
@@ -46,7 +39,8 @@ class Unauthorized(ServingError):
 
 
 class PayloadTooLarge(ServingError):
-    """The request body (or its decompressed size) is over a limit; the message names the limit."""
+    """A request over a size limit: its body (or decompressed body), inputs per request or characters per input.
+    The message names the limit's argument."""
 
     status_code = 413
     error_type = "invalid_request_error"
