@@ -244,3 +244,15 @@ def test_openapi_documents_typed_bodies_of_the_new_routes(url):
     assert document["paths"]["/info"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"] == (
         "#/components/schemas/Info"
     )
+
+
+def test_bentoml_client_rerank_endpoint(url, expected):
+    """BentoML's typed `rerank` endpoint runs on the same cross-encoder and batcher: CrossEncoder's scores."""
+    import bentoml
+
+    with bentoml.SyncHTTPClient(url) as client:
+        answer = client.rerank(query=QUERY, documents=DOCUMENTS, top_n=2, return_documents=True)
+    order = list(np.argsort(-expected))[:2]
+    assert [result["index"] for result in answer["results"]] == order
+    assert np.allclose([result["score"] for result in answer["results"]], expected[order], atol=1e-6)
+    assert [result["document"] for result in answer["results"]] == [DOCUMENTS[i] for i in order]
