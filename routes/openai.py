@@ -12,6 +12,7 @@ from handlers.errors import InvalidInput, ModelNotFound
 from handlers.requests import RequestOptions
 from protocols import openai as openai_generation
 from protocols import openai_embeddings
+from protocols.openai import schemas as openai_schemas
 from routes.common import OPENAI_PREFIX, ServedModel, json_object, json_response, predict, require_json
 from routes.openapi import errors, request_body
 from settings.tasks import Task
@@ -47,11 +48,17 @@ def build_router(served: ServedModel) -> APIRouter:
         result = await predict(served, inputs, options)
         return json_response(openai_embeddings.embedding_response(embedding_request, args.model_name, result))
 
-    @router.post("/v1/completions", responses=errors("openai"))
+    @router.post(
+        "/v1/completions", responses=errors("openai"), openapi_extra=request_body(openai_schemas.CompletionRequest)
+    )
     async def openai_completions(request: Request) -> Response:
         return await _generate(request, openai_generation.create_completion)
 
-    @router.post("/v1/chat/completions", responses=errors("openai"))
+    @router.post(
+        "/v1/chat/completions",
+        responses=errors("openai"),
+        openapi_extra=request_body(openai_schemas.ChatCompletionRequest),
+    )
     async def openai_chat_completions(request: Request) -> Response:
         return await _generate(request, openai_generation.create_chat_completion)
 
