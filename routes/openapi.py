@@ -26,7 +26,8 @@ _ERRORS = {
     400: "Malformed request: the message names the field",
     401: "Missing or wrong API key (when api_key is set)",
     404: "Unknown model",
-    413: "Body over max_request_bytes, or decompressed over max_decompressed_bytes",
+    413: "Over a size limit: body (max_request_bytes, max_decompressed_bytes), inputs per request "
+    "(max_client_batch_size) or characters per input (max_input_characters)",
     415: "Unsupported Content-Type or Content-Encoding",
     429: "Queue full (max_queue_size); retry after Retry-After seconds",
     500: "Unexpected server error; the log has the traceback under the request id",

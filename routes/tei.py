@@ -34,6 +34,8 @@ TEI_PATHS = frozenset(
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": tei.ErrorResponse, "description": "Invalid input (error_type validation)"},
+    401: {"model": tei.ErrorResponse, "description": "Missing or wrong API key (when api_key is set)"},
+    413: {"model": tei.ErrorResponse, "description": "Over a size limit: body, inputs per request, characters"},
     429: {"model": tei.ErrorResponse, "description": "Queue full (error_type overloaded)"},
     503: {"model": tei.ErrorResponse, "description": "Model not ready (error_type unhealthy)"},
 }
@@ -164,6 +166,10 @@ def build_router(served: ServedModel) -> APIRouter:
         if not batch or not batch[0]:
             raise InvalidInput("`ids` cannot be empty")
         tokenizer = served.runtime.source.tokenizer
+        vocabulary = len(tokenizer)
+        for row in batch:
+            if any(not 0 <= token < vocabulary for token in row):  # the tokenizer would overflow or panic
+                raise InvalidInput(f"`ids` holds a token id outside this model's vocabulary [0, {vocabulary})")
         skip = request.skip_special_tokens
         return await asyncio.to_thread(tokenizer.batch_decode, batch, skip_special_tokens=skip)
 

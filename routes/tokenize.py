@@ -17,6 +17,7 @@ from protocols.openai.tokenize import (
     tokenize,
 )
 from routes.common import OPENAI_PREFIX, ServedModel, check_model_name
+from routes.openapi import errors
 
 
 def build_router(served: ServedModel) -> APIRouter:
@@ -27,12 +28,12 @@ def build_router(served: ServedModel) -> APIRouter:
             raise InvalidInput(f"model '{served.args.model_name}' is not a generative model; nothing to tokenize")
         return served.generation
 
-    @router.post("/tokenize", response_model=TokenizeResponse)
+    @router.post("/tokenize", response_model=TokenizeResponse, responses=errors("openai"))
     async def tokenize_route(request: TokenizeRequest) -> TokenizeResponse:
         check_model_name(served, request.model)
         return await asyncio.to_thread(tokenize, backend(), request)
 
-    @router.post("/detokenize", response_model=DetokenizeResponse)
+    @router.post("/detokenize", response_model=DetokenizeResponse, responses=errors("openai"))
     async def detokenize_route(request: DetokenizeRequest) -> DetokenizeResponse:
         check_model_name(served, request.model)
         return await asyncio.to_thread(detokenize, backend(), request)

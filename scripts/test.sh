@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up .venv with the test extras, then runs the test suite offline: every test but those marked slow
-# (a real model through vLLM, grammar-constrained SmolLM2 batches, a browser on SmolLM2, schemathesis).
+# (a real model through vLLM, grammar-constrained SmolLM2 batches, a browser on SmolLM2).
 # RUN_SLOW=1 runs those too; arguments go to pytest (e.g. `bash scripts/test.sh -m slow`).
 set -euo pipefail
 cd "$(dirname "$0")/.."

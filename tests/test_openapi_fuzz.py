@@ -40,7 +40,6 @@ def served(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
         process.stop()
 
 
-@pytest.mark.slow
 def test_no_5xx_and_every_answer_matches_the_document(served: ServerProcess) -> None:
     document = httpx.get(served.url + "/openapi.json", timeout=30).json()
     schema = schemathesis.openapi.from_dict(document)
@@ -50,7 +49,14 @@ def test_no_5xx_and_every_answer_matches_the_document(served: ServerProcess) -> 
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        # Derandomized: the same examples every run, so CI stays reproducible; FUZZ_RANDOM=1 explores afresh.
+        @settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            database=None,
+            derandomize=os.environ.get("FUZZ_RANDOM") != "1",
+            suppress_health_check=list(HealthCheck),
+        )
         def check(case: schemathesis.Case) -> None:
             # A path holding a control character (%0A) never reaches the app: BentoML's own router answers
             # it with a text/plain 404 (its mount's pattern stops at a newline). Known, reported, left out here.
