@@ -106,24 +106,3 @@ def infer_task(architectures: list[str] | None, model_path: Path | None = None) 
     if architecture.endswith(_ENCODER_MODEL_SUFFIX):
         return Task.text_embedding
     raise TaskError(f"Task couldn't be inferred from {architecture}. Please manually set `task` option.")
-
-
-def read_pooling_config(model_path: Path) -> dict[str, Any] | None:
-    """The sentence-transformers pooling module's config, if the folder has one."""
-    modules_file = model_path / "modules.json"
-    pooling_dir = "1_Pooling"
-    if modules_file.is_file():
-        for module in json.loads(modules_file.read_text()):
-            if module.get("type", "").endswith("Pooling"):
-                pooling_dir = module.get("path", pooling_dir)
-    config_file = model_path / pooling_dir / "config.json"
-    if not config_file.is_file():
-        return None
-    return json.loads(config_file.read_text())
-
-
-def has_normalize_module(model_path: Path) -> bool:
-    modules_file = model_path / "modules.json"
-    if not modules_file.is_file():
-        return False
-    return any(m.get("type", "").endswith("Normalize") for m in json.loads(modules_file.read_text()))
