@@ -152,6 +152,9 @@ def test_tokenize_decode_info_and_health(servers, tiny_models):
     assert [t["text"] for t in tokens[1:-1]] == [TEXTS[2][a:b] for a, b in encoding["offset_mapping"][1:-1]]
     decoded = httpx.post(url + "/decode", json={"ids": [encoding["input_ids"]]}).json()
     assert decoded == [tokenizer.decode(encoding["input_ids"], skip_special_tokens=True)]
+    for bad in ([-1, 5], [len(tokenizer)]):  # found by the fuzz test: was a 500 from the tokenizer
+        refused = httpx.post(url + "/decode", json={"ids": bad})
+        assert refused.status_code == 400 and "vocabulary" in refused.json()["error"], refused.text
 
     client = InferenceClient(model=url, provider="hf-inference")  # health and info need the provider named
     assert client.health_check() is True
