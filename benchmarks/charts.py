@@ -20,8 +20,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 Series = Mapping[str, Mapping[int, float]]
-_STYLE = {"figure.dpi": 100, "font.size": 9, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
-          "axes.spines.right": False}
+_STYLE = {
+    "figure.dpi": 100,
+    "font.size": 9,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+}
 
 
 def chart_path(json_path: Path) -> Path:
@@ -74,15 +80,31 @@ def bar_chart(out: Path, title: str, values: Mapping[str, float], value_label: s
         return _save(figure, out)
 
 
-def _lines(axis: plt.Axes, series: Series, y_label: str) -> None:
+def lines_chart(out: Path, title: str, panels: list[tuple[Series, str]], *, x_label: str, x_log2: bool = True) -> Path:
+    """One panel per (series, y label), side by side, sharing an x axis (e.g. tokens per input)."""
+    with plt.rc_context(_STYLE):
+        figure, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.4), squeeze=False)
+        for axis, (series, y_label) in zip(axes[0], panels, strict=True):
+            _lines(axis, series, y_label, x_label=x_label, x_log2=x_log2)
+            axis.set_ylim(bottom=0)
+            axis.legend(frameon=False, fontsize=8)
+        figure.suptitle(title, fontsize=10)
+        figure.tight_layout()
+        return _save(figure, out)
+
+
+def _lines(
+    axis: plt.Axes, series: Series, y_label: str, *, x_label: str = "concurrent clients", x_log2: bool = True
+) -> None:
     for name, points in series.items():
         levels = sorted(points)
         axis.plot(levels, [points[c] for c in levels], marker="o", label=name)
     every = sorted({c for points in series.values() for c in points})
-    axis.set_xscale("log", base=2)
+    if x_log2:
+        axis.set_xscale("log", base=2)
     axis.set_xticks(every, [str(c) for c in every])
     axis.minorticks_off()
-    axis.set_xlabel("concurrent clients")
+    axis.set_xlabel(x_label)
     axis.set_ylabel(y_label)
 
 

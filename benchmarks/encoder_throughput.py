@@ -1,136 +1,217 @@
-"""Encoder throughput: the served model under concurrent load beside the same model in-process.
+"""Encoder serving side by side: this server, a plain BentoML batchable service, and the in-process ceiling.
 
-Serves the embedded all-MiniLM-L6-v2 with `bentoml serve`, sends one sentence per V1 request at
-concurrency 1, 8 and 32, and measures the in-process ceiling (tokenize + forward + pool) at batch
-sizes 1 to 64 in the same run. Prints a table and writes JSON to benchmarks/results/.
+One run measures, for each scenario, both servers at concurrency 1, 8 and 32 (closed loop, load from wrk
+when installed), `--reps` times interleaved so drift hits both alike, and reports medians; then the
+in-process ceiling (tokenize + forward + pool, best batch) of the same model. Scenarios:
 
-    .venv/bin/python -m benchmarks.encoder_throughput [--seconds 10] [--arg NAME=VALUE ...]
+- `embed`: all-MiniLM-L6-v2 (the embedded default), one sentence per request (V1 predict / `/embed`);
+- `embed-8`: the same, eight sentences per request;
+- `classify`: all-MiniLM-L6-v2's encoder under a 2-label sequence-classification head (seeded, saved
+  once under /tmp), one sentence per request.
+
+Each server runs alone on the machine while it is measured (the other one idles). Prints a table with
+the issue's targets, writes JSON and one PNG chart per scenario to benchmarks/results/.
+
+    .venv/bin/python -m benchmarks.encoder_throughput [--seconds 8] [--reps 3] [--scenario embed ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
-import time
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import aiohttp
 import torch
 from tqdm import tqdm
 
 from benchmarks.charts import chart_path, concurrency_chart
+from benchmarks.encoder_ceiling import inputs_per_second
+from benchmarks.load import closed_loop, generator_name
 from benchmarks.report import print_table, write_results
-from handlers.registry import handler_class_for
-from handlers.requests import PredictOptions
-from settings.arguments import parse_arguments
-from settings.loading import inspect_model
+from settings.loading import default_model_dir
 from tests.server_process import ServerProcess
 
-SENTENCES = [f"This is sentence number {i}, about the weather in Paris and the price of bread." for i in range(256)]
+SENTENCE = "This is sentence number 7, about the weather in Paris and the price of bread."
+LEVELS = (1, 8, 32)
+CLASSIFIER_DIR = Path("/tmp/hf-serve-bench/minilm-classifier")
+THIS, PLAIN = "this server", "plain BentoML"
 
 
-def in_process_ceiling(seconds: float, batch_sizes: list[int]) -> dict[int, float]:
-    """Inputs per second of the handler called directly, per batch size (no HTTP, no queue)."""
-    args = parse_arguments({}, environ={})
-    source = inspect_model(args)
-    handler = handler_class_for(source.task)(source, args)
-    handler.load()
-    handler.warm_up()
-    options = PredictOptions()
-    rates = {}
-    for size in tqdm(batch_sizes, desc="in-process batch sizes", unit="size"):
-        done, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            batch = [SENTENCES[(done + i) % len(SENTENCES)] for i in range(size)]
-            handler.predict_many([([text], options) for text in batch])
-            done += size
-        rates[size] = done / (time.perf_counter() - started)
-    return rates
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    task: str  # "embed" or "classify"
+    inputs_per_request: int
 
 
-async def load(url: str, concurrency: int, seconds: float) -> dict[str, float]:
-    latencies: list[float] = []
-    errors = 0
-    deadline = time.perf_counter() + seconds
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
+SCENARIOS = {
+    "embed": Scenario("embed", "embed", 1),
+    "embed-8": Scenario("embed-8", "embed", 8),
+    "classify": Scenario("classify", "classify", 1),
+}
 
-        async def user(index: int) -> None:
-            nonlocal errors
-            sent = index
-            while time.perf_counter() < deadline:
-                body = {"instances": [SENTENCES[sent % len(SENTENCES)]]}
-                started = time.perf_counter()
-                async with session.post(url, json=body) as response:
-                    await response.read()
-                    if response.status != 200:
-                        errors += 1
-                latencies.append(time.perf_counter() - started)
-                sent += concurrency
 
-        started = time.perf_counter()
-        await asyncio.gather(*(user(i) for i in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    latencies.sort()
+def minilm_dir() -> Path:
+    return Path(default_model_dir())
+
+
+def classifier_dir() -> Path:
+    """all-MiniLM-L6-v2 with a seeded 2-label head: a real-sized classifier, built offline once."""
+    if not (CLASSIFIER_DIR / "config.json").exists():
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        torch.manual_seed(0)
+        labels = {0: "negative", 1: "positive"}
+        model = AutoModelForSequenceClassification.from_pretrained(
+            minilm_dir(), num_labels=2, id2label=labels, label2id={v: k for k, v in labels.items()}
+        )
+        model.save_pretrained(CLASSIFIER_DIR)
+        AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(CLASSIFIER_DIR)
+    return CLASSIFIER_DIR
+
+
+def start_servers(scenario: Scenario, folder: Path, logs: Path) -> dict[str, tuple[ServerProcess, str]]:
+    """Both servers, ready, with the URL each is measured on."""
+    ours = ServerProcess({"model_dir": str(folder)}, logs / f"this-{scenario.name}.log")
+    plain = ServerProcess(
+        {},
+        logs / f"plain-{scenario.name}.log",
+        command=[
+            str(Path(sys.executable).with_name("bentoml")),
+            "serve",
+            "benchmarks.peers.plain_bentoml:PlainEncoder",
+            "--host",
+            "127.0.0.1",
+        ],
+        env={"PLAIN_MODEL_DIR": str(folder), "PLAIN_TASK": scenario.task},
+        port_flag="--port",
+    )
+    ours.wait_ready(), plain.wait_ready()
     return {
-        "requests_per_s": len(latencies) / elapsed,
-        "p50_ms": 1000 * statistics.median(latencies),
-        "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
-        "requests": len(latencies),
-        "errors": errors,
+        THIS: (ours, f"{ours.url}/v1/models/model:predict"),
+        PLAIN: (plain, f"{plain.url}/{scenario.task}"),
     }
+
+
+def request_body(server: str, scenario: Scenario) -> dict[str, Any]:
+    texts = [SENTENCE] * scenario.inputs_per_request
+    return {"instances": texts} if server == THIS else {"sentences": texts}
+
+
+def measure_scenario(scenario: Scenario, seconds: float, reps: int, logs: Path) -> dict[str, dict[int, dict]]:
+    """Median requests/s, p50 and p99 per server and concurrency over `reps` interleaved repetitions."""
+    folder = classifier_dir() if scenario.task == "classify" else minilm_dir()
+    servers = start_servers(scenario, folder, logs)
+    runs: dict[str, dict[int, list[dict[str, float]]]] = {name: {c: [] for c in LEVELS} for name in servers}
+    try:
+        for name, (_, url) in servers.items():  # warm-up: first batches, allocator, thread pools
+            closed_loop(url, request_body(name, scenario), 8, 2)
+        steps = [(rep, c, name) for rep in range(reps) for c in LEVELS for name in servers]
+        for _, c, name in tqdm(steps, desc=f"{scenario.name}: {seconds:g} s per step", unit="step"):
+            runs[name][c].append(closed_loop(servers[name][1], request_body(name, scenario), c, seconds))
+    finally:
+        for process, _ in servers.values():
+            process.stop()
+    return {
+        name: {c: _medians(results, scenario.inputs_per_request) for c, results in by_c.items()}
+        for name, by_c in runs.items()
+    }
+
+
+def _medians(results: list[dict[str, float]], inputs_per_request: int) -> dict[str, Any]:
+    def median(key: str) -> float:
+        return statistics.median(r[key] for r in results)
+
+    return {
+        "requests_per_s": median("requests_per_s"),
+        "inputs_per_s": median("requests_per_s") * inputs_per_request,
+        "p50_ms": median("p50_ms"),
+        "p99_ms": median("p99_ms"),
+        "failures": sum(r["failures"] for r in results),
+        "runs": results,
+    }
+
+
+def targets(served: dict[str, dict[int, dict]], ceiling: float) -> list[tuple[str, float, float, Callable]]:
+    """The issue's targets: (what, value, bound, comparison) at c=32 and c=8."""
+    ours, plain = served[THIS], served[PLAIN]
+    at_least, at_most = (lambda v, b: v >= b), (lambda v, b: v <= b)
+    return [
+        ("c=32 inputs/s ÷ in-process best", ours[32]["inputs_per_s"] / ceiling, 0.85, at_least),
+        ("c=32 inputs/s ÷ plain BentoML", ours[32]["inputs_per_s"] / plain[32]["inputs_per_s"], 1.2, at_least),
+        ("c=32 p99 ÷ plain BentoML's p99", ours[32]["p99_ms"] / plain[32]["p99_ms"], 1.0, at_most),
+        ("c=32 p99 ÷ own p50", ours[32]["p99_ms"] / ours[32]["p50_ms"], 2.0, at_most),
+        ("c=8 inputs/s ÷ plain BentoML", ours[8]["inputs_per_s"] / plain[8]["inputs_per_s"], 1.0, at_least),
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=10.0, help="measuring time per row")
-    parser.add_argument("--arg", action="append", default=[], help="server argument NAME=VALUE")
+    parser.add_argument("--seconds", type=float, default=8.0, help="measuring time per step")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions; medians are reported")
+    parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), help="default: all")
     options = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    logs = Path("/tmp/hf-serve-bench")
+    logs.mkdir(parents=True, exist_ok=True)
+    print(f"load generator: {generator_name()}; torch threads: {torch.get_num_threads()}")
 
-    server_args = dict(item.split("=", 1) for item in options.arg)
-    server = ServerProcess(server_args, Path("/tmp/encoder-benchmark-server.log")).wait_ready()
-    try:
-        url = f"{server.url}/v1/models/model:predict"
-        asyncio.run(load(url, 8, 3))  # warm-up
-        levels = tqdm((1, 8, 32), desc=f"served, {options.seconds:.0f} s per level", unit="level")
-        served = {c: asyncio.run(load(url, c, options.seconds)) for c in levels}
-    finally:
-        server.stop()
-    ceiling = in_process_ceiling(options.seconds / 2, [1, 8, 32, 64])
-    best = max(ceiling.values())
+    figures: dict[str, Any] = {"generator": generator_name(), "seconds": options.seconds, "reps": options.reps}
+    summary_rows, target_rows = [], []
+    for name in options.scenario or list(SCENARIOS):
+        scenario = SCENARIOS[name]
+        served = measure_scenario(scenario, options.seconds, options.reps, logs)
+        folder = classifier_dir() if scenario.task == "classify" else minilm_dir()
+        ceiling_rates = inputs_per_second(folder, scenario.task, SENTENCE, [1, 8, 32, 64], options.seconds / 2)
+        best = max(ceiling_rates.values())
+        figures[name] = {"served": served, "in_process_inputs_per_s": ceiling_rates, "in_process_best": best}
+        for server, by_c in served.items():
+            for c, r in by_c.items():
+                summary_rows.append(
+                    [
+                        name,
+                        server,
+                        str(c),
+                        f"{r['inputs_per_s']:.0f}",
+                        f"{r['p50_ms']:.1f}",
+                        f"{r['p99_ms']:.1f}",
+                        f"{r['inputs_per_s'] / best:.2f}x",
+                        str(r["failures"]),
+                    ]
+                )
+        summary_rows.append([name, "in-process, best batch", "", f"{best:.0f}", "", "", "1.00x", ""])
+        for what, value, bound, ok in targets(served, best):
+            target_rows.append(
+                [
+                    name,
+                    what,
+                    f"{value:.2f}",
+                    f"{'≥' if ok(2, 1) else '≤'} {bound}",
+                    "met" if ok(value, bound) else "MISSED",
+                ]
+            )
+        figures[name]["targets"] = {
+            what: {"value": value, "bound": bound, "met": ok(value, bound)}
+            for what, value, bound, ok in targets(served, best)
+        }
 
-    rows = [
-        [
-            f"served, c={c}",
-            f"{r['requests_per_s']:.0f}",
-            f"{r['p50_ms']:.1f}",
-            f"{r['p99_ms']:.1f}",
-            f"{r['requests_per_s'] / best:.2f}x",
-        ]
-        for c, r in served.items()
-    ]
-    rows += [[f"in-process, batch {b}", f"{rate:.0f}", "", "", f"{rate / best:.2f}x"] for b, rate in ceiling.items()]
-    print_table(["what", "inputs/s", "p50 ms", "p99 ms", "of ceiling"], rows)
-    json_path = write_results(
-        "encoder_throughput",
-        {
-            "server_args": server_args,
-            "served": {str(c): r for c, r in served.items()},
-            "in_process_inputs_per_s": {str(b): r for b, r in ceiling.items()},
-            "ratio_at_c32": served[32]["requests_per_s"] / best,
-        },
-    )
-
-    concurrency_chart(
-        chart_path(json_path),
-        "Encoder throughput: one sentence per V1 request",
-        {"this server (V1 predict)": {c: r["requests_per_s"] for c, r in served.items()}},
-        latency={"this server (V1 predict)": {c: r["p99_ms"] for c, r in served.items()}},
-        references={f"in-process, batch {b}": rate for b, rate in ceiling.items() if b in (1, max(ceiling))},
-        throughput_label="inputs/s",
-    )
+    print_table(["scenario", "server", "c", "inputs/s", "p50 ms", "p99 ms", "of ceiling", "failures"], summary_rows)
+    print()
+    print_table(["scenario", "target", "value", "bound", ""], target_rows)
+    json_path = write_results("encoder_throughput", figures)
+    for name in options.scenario or list(SCENARIOS):
+        served = figures[name]["served"]
+        concurrency_chart(
+            chart_path(json_path).with_name(f"{json_path.stem}-{name}.png"),
+            f"{name}: {SCENARIOS[name].inputs_per_request} input(s) per request, medians of {options.reps}",
+            {server: {c: r["inputs_per_s"] for c, r in by_c.items()} for server, by_c in served.items()},
+            latency={server: {c: r["p99_ms"] for c, r in by_c.items()} for server, by_c in served.items()},
+            references={"in-process, best batch": figures[name]["in_process_best"]},
+            throughput_label="inputs/s",
+        )
 
 
 if __name__ == "__main__":

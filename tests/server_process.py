@@ -30,8 +30,9 @@ class ServerProcess:
         command: list[str] | None = None,
         env: dict[str, str] | None = None,
         serve_options: list[str] | None = None,
+        port_flag: str = "--http_port",
     ) -> None:
-        """`bentoml serve` with `--arg` flags and `serve_options`; or `command`, given the port as `--http_port`."""
+        """`bentoml serve` with `--arg` flags and `serve_options`; or `command`, given the port as `port_flag`."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -40,7 +41,7 @@ class ServerProcess:
             base = [BENTOML, "serve", "service:HuggingFaceService", "--host", "127.0.0.1"]
             self.command = [*base, "--port", str(self.port), *arg_flags, *(serve_options or [])]
         else:
-            self.command = [*command, f"--http_port={self.port}"]
+            self.command = [*command, f"{port_flag}={self.port}"]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "BENTOML_DO_NOT_TRACK": "true", **(env or {})}
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
