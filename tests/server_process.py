@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 BENTOML = str(Path(sys.executable).with_name("bentoml"))
@@ -65,6 +66,12 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")[-5000:]
 
     def stop(self) -> None:
+        # BentoML's workers run in sessions of their own, out of reach of killpg: remember them first, so
+        # none outlives the test (and keeps its CPU and port) if the arbiter goes before it.
+        try:
+            workers = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            workers = []
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
@@ -72,4 +79,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        for worker in alive:
+            worker.kill()
         self._log.close()
