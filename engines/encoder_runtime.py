@@ -13,6 +13,7 @@ import threading
 import time
 
 from engines.batcher import MicroBatcher
+from engines.memory import freeze_startup_objects
 from handlers.base import PredictiveHandler, is_pair
 from handlers.encoding import Encoded, first_cut
 from handlers.errors import InvalidInput, NotReady, PayloadTooLarge, ServingError
@@ -89,6 +90,7 @@ class PredictiveRuntime:
             max_queue_size=self.args.max_queue_size,
             name=f"batcher-{self.args.model_name}",
         )
+        freeze_startup_objects()
         self._ready.set()
         logger.info(
             "model '%s' (%s) ready in %.1f s",

@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 from engines.generation.backend import GenerationBackend
+from engines.memory import freeze_startup_objects
 from handlers.errors import InvalidInput, NotReady
 from handlers.requests import (
     GENERATION_ONLY_OPTIONS,
@@ -61,6 +62,7 @@ class GenerativeRuntime:
             self.load_error = f"{type(error).__name__}: {error}"
             logger.exception("generation backend for '%s' failed to start", self.args.model_name)
             return
+        freeze_startup_objects()
         self._started = True
         logger.info("model '%s' ready on the %s backend", self.args.model_name, self.backend.name)
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,11 @@ def smollm2() -> Path:
     from tests.real_models import smollm2_folder
 
     return smollm2_folder()
+
+
+@pytest.fixture(autouse=True)
+def _unfreeze_garbage_collector() -> Iterator[None]:
+    """A runtime loaded in-process freezes the objects alive then (engines/memory.py); give them back to the
+    collector after each test, so one test's models do not stay for the whole session."""
+    yield
+    gc.unfreeze()
