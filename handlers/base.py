@@ -19,7 +19,7 @@ from handlers.encoding import Encoded, TextCutter, pad_rows
 from handlers.errors import ServingError
 from handlers.requests import PredictOptions, TaskResult, TensorSpec, TextInput
 from settings.arguments import ServerArguments
-from settings.loading import ModelSource
+from settings.loading import ModelSource, attention_choice
 from settings.tasks import Task
 
 
@@ -76,6 +76,7 @@ class PredictiveHandler(ABC):
             revision=self.args.model_revision,
             dtype=self.source.dtype,
             trust_remote_code=self.args.trust_remote_code,
+            **attention_choice(self.args),
         )
         model.to(self.source.device)
         model.eval()

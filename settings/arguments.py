@@ -93,6 +93,11 @@ class ServerArguments(BaseModel):
     model_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
     tokenizer_revision: str | None = Field(None, description="Hub revision of the tokenizer.")
     dtype: Dtype = Field("auto", description="auto: the config's torch_dtype, else float16 on GPU, float32 on CPU.")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto",
+        description="Attention kernel of encoder models; auto is transformers' choice "
+        "(torch's scaled_dot_product_attention where the architecture has it).",
+    )
     task: str | None = Field(None, description="Task; inferred from config.architectures when not set.")
     backend: Backend = Field("auto", description="auto: vLLM for generation when it supports the model.")
     max_model_len: int | None = Field(

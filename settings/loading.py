@@ -92,6 +92,11 @@ def resolve_device(args: ServerArguments) -> torch.device:
     return torch.device(args.device)
 
 
+def attention_choice(args: ServerArguments) -> dict[str, str]:
+    """from_pretrained's attn_implementation when one is asked for; auto leaves transformers' default."""
+    return {} if args.attn_implementation == "auto" else {"attn_implementation": args.attn_implementation}
+
+
 def resolve_dtype(dtype: str, config: PretrainedConfig, device: torch.device) -> torch.dtype:
     """KServe's rule: auto is the config's dtype, else float16 on GPU and float32 on CPU."""
     named = {
