@@ -18,7 +18,7 @@ from fastapi import FastAPI
 
 from engines.encoder_runtime import PredictiveRuntime
 from engines.generation.backend import GenerationBackend
-from engines.generation.select import build_generation_backend, vllm_unavailable_reason
+from engines.generation.select import build_generation_backend, transformers_refusal, vllm_unavailable_reason
 from protocols import v2_grpc
 from protocols.kserve_generation import GenerativeRuntime
 from routes import fallback as fallback_routes
@@ -68,6 +68,10 @@ def _settle_model() -> tuple[ServerArguments, ModelSource]:
             reason = vllm_unavailable_reason(source)
             if reason:
                 raise ModelLoadError(f"backend 'vllm' was asked for but cannot serve this model: {reason}")
+        if source.task.is_generative:
+            refused = transformers_refusal(source, args)  # hybrid (Mamba/SSM) models: before the weights load
+            if refused:
+                raise ModelLoadError(refused)
         return args, source
     except (ArgumentError, ModelLoadError, TaskError) as error:
         print(f"hf-bentoml-server cannot start: {error}", file=sys.stderr, flush=True)

@@ -17,6 +17,7 @@ from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 from engines.generation.backend import GenerationRequest, SamplingOptions
 from engines.generation.select import build_generation_backend
 from engines.generation.transformers import TransformersBackend
+from engines.generation.transformers.state import Row
 from handlers.errors import InvalidInput
 from settings.arguments import parse_arguments
 from settings.loading import inspect_model
@@ -141,11 +142,19 @@ def test_kv_budget_makes_a_request_wait_and_refuses_one_that_never_fits(budgeted
         asyncio.run(refused())
 
 
-def test_a_failing_row_fails_only_its_request(budgeted: TransformersBackend) -> None:
+def test_a_failing_row_fails_only_its_request(budgeted: TransformersBackend, monkeypatch: pytest.MonkeyPatch) -> None:
     ids = budgeted.tokenizer("Hello there")["input_ids"]
     expected = _reference(budgeted, ids, 20)
-    # A temperature this small turns the logits into inf, so sampling raises for that row alone.
-    broken = SamplingOptions(max_tokens=20, temperature=1e-45, ignore_eos=True)
+    # Sampling raises for that request's row alone (a tiny temperature used to do it; it is greedy now).
+    sample_row = budgeted.sampler.sample_row
+
+    def failing(logits: torch.Tensor, row: Row) -> int:
+        if row.state.request.request_id == "broken":
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        return sample_row(logits, row)
+
+    monkeypatch.setattr(budgeted.sampler, "sample_row", failing)
+    broken = SamplingOptions(max_tokens=20, temperature=1.0, ignore_eos=True)
 
     async def broken_request() -> None:
         async for _ in budgeted.generate(GenerationRequest("broken", ids, broken)):

@@ -412,3 +412,52 @@ def test_tokenize_and_detokenize_in_vllm_shapes(app: FastAPI, llama: Transformer
             assert other.status_code == 404
 
     asyncio.run(scenario())
+
+
+def test_temperature_below_epsilon_is_greedy(app: FastAPI, llama: TransformersBackend) -> None:
+    """Like vLLM (_SAMPLING_EPS = 1e-5): a temperature of 1e-45 or 1e-8 is greedy. Dividing the logits by
+    it used to overflow to NaN and fail the request with a 500."""
+    ids = llama.tokenizer(PROMPTS[0])["input_ids"]
+    expected = llama.tokenizer.decode(ids + _reference(llama, ids, 8), skip_special_tokens=True)
+    messages = [{"role": "user", "content": "What is the capital?"}]
+    v2_body = {"inputs": [{"name": "input-0", "datatype": "BYTES", "shape": [1], "data": [PROMPTS[0]]}]}
+
+    async def scenario() -> None:
+        client = _client(app)
+        for temperature in (1e-45, 1e-8, 9.9e-6):
+            tiny = await client.completions.create(
+                model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=temperature, logprobs=1
+            )
+            assert PROMPTS[0] + tiny.choices[0].text == expected, temperature
+            assert all(v is not None and v > float("-inf") for v in tiny.choices[0].logprobs.token_logprobs)
+        stream = await client.completions.create(
+            model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=1e-45, stream=True
+        )
+        assert PROMPTS[0] + "".join([c.choices[0].text async for c in stream]) == expected
+        greedy_chat = await client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+        tiny_chat = await client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=8, temperature=1e-45, n=2
+        )
+        assert [c.message.content for c in tiny_chat.choices] == [greedy_chat.choices[0].message.content] * 2
+
+        # KServe V1 and V2 run the same completion path.
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            texts = []
+            for temperature in (0, 1e-45):
+                parameters = {"max_tokens": 8, "temperature": temperature}
+                v1 = await http.post(
+                    "/v1/models/tiny:predict", json={"instances": [PROMPTS[0]], "parameters": parameters}
+                )
+                assert v1.status_code == 200, v1.text
+                v2 = await http.post("/v2/models/tiny/infer", json={**v2_body, "parameters": parameters})
+                assert v2.status_code == 200, v2.text
+                texts += [v1.json()["predictions"][0], v2.json()["outputs"][0]["data"][0]]
+            assert texts == [expected[len(PROMPTS[0]) :]] * 4
+
+        # The server keeps serving, sampled requests included.
+        sampled = await client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=4, temperature=0.7)
+        assert sampled.usage.completion_tokens >= 1
+        await client.close()
+
+    asyncio.run(scenario())
+    assert llama.dead_reason is None and llama.active_requests() == 0

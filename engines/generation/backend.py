@@ -27,6 +27,10 @@ FinishReason = Literal["stop", "length"]
 # The SamplingOptions fields that a model's generation_config may supply (precedence level 2).
 GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens")
 
+# Temperatures below this are greedy, as in vLLM (`_SAMPLING_EPS` in vllm/sampling_params.py): dividing the
+# logits by 1e-45 overflows to inf and softmax gives NaN, which the sampler cannot draw from.
+SAMPLING_EPS = 1e-5
+
 
 StructuredKind = Literal["json", "json_object", "regex", "choice", "grammar"]
 
@@ -51,7 +55,8 @@ class SamplingOptions:
     max_tokens: int = 16
     """Most tokens to generate per choice (>= 1). finish_reason "length" when reached."""
     temperature: float = 1.0
-    """0 = greedy (argmax); > 0 divides the logits before softmax. Range [0, 2] in OpenAI."""
+    """Below SAMPLING_EPS (1e-5, like vLLM) = greedy (argmax); above, divides the logits before softmax.
+    Range [0, 2] in OpenAI."""
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose probability sums to top_p, (0, 1]."""
     top_k: int = 0
@@ -102,7 +107,7 @@ class SamplingOptions:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < SAMPLING_EPS
 
     def validate(self) -> str | None:
         """The name and problem of the first out-of-range field, or None when all are valid."""

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrained
 
 from engines.generation.backend import GenerationOutput, GenerationRequest, RequestPolicy, SamplingOptions
 from engines.generation.defaults import generation_config_defaults
+from engines.generation.transformers.cache_support import refusal, unsupported_cache_reason, unsupported_layers_reason
 from engines.generation.transformers.grammar import Grammars
 from engines.generation.transformers.sampling import Sampler
 from engines.generation.transformers.scheduler import Scheduler
@@ -135,6 +136,7 @@ class TransformersBackend(Scheduler):
             self.model.to(source.device)
         model = self.model
         model.eval()
+        self._refuse_unbatchable_cache(model)
         generation_config = getattr(model, "generation_config", None)
         eos = getattr(generation_config, "eos_token_id", None)
         if eos is None:
@@ -164,6 +166,21 @@ class TransformersBackend(Scheduler):
             self.kv_budget_bytes / 2**20,
             self.kv_bytes_per_token,
         )
+
+    def _refuse_unbatchable_cache(self, model: PreTrainedModel) -> None:
+        """ModelLoadError naming the reason when the scheduler's KV-batch surgery cannot hold this model's
+        cache (hybrid Mamba/SSM layers): by its config, then by the cache a one-token forward returns, which
+        also catches remote code whose config does not say. Encoder-decoder models are checked by config."""
+        reason = unsupported_layers_reason(model.config)
+        if reason is None and not self.is_encoder_decoder:
+            token = self.tokenizer.bos_token_id or 0
+            with torch.inference_mode():
+                out = model(input_ids=torch.tensor([[token]], device=model.device), use_cache=True)
+            reason = unsupported_cache_reason(getattr(out, "past_key_values", None))
+        if reason is not None:
+            architecture = ", ".join(getattr(model.config, "architectures", None) or [type(model).__name__])
+            instead = "Try --arg backend=vllm if vLLM's model registry has this architecture."
+            raise ModelLoadError(refusal(architecture, reason, instead))
 
     def _grammars(self, model: PreTrainedModel, eos_ids: set[int]) -> Grammars | None:
         """xgrammar over this tokenizer, sized to the model's logits; None (structured outputs refused with
