@@ -166,6 +166,7 @@ class HuggingFaceService(TypedApis):  # routes are mounted per instance in __ini
                 max_receive_message_length=min(self.args.grpc_max_receive_message_length, self.args.max_request_bytes),
                 api_key=self.args.api_key.get_secret_value() if self.args.api_key else None,
                 retry_after_s=self.args.retry_after_s,
+                lifecycle=LIFECYCLE,  # draining refuses new calls; the drain waits for calls in flight
             )
 
     @bentoml.on_shutdown
