@@ -30,7 +30,7 @@ from routes import tei as tei_routes
 from routes import tokenize as tokenize_routes
 from routes import vllm_openai as vllm_openai_routes
 from routes.bentoml_api import TypedApis
-from routes.cancellation import CancelOnDisconnect
+from routes.cancellation import CANCELLED, CancelOnDisconnect
 from routes.common import Timer
 from routes.errors import install_error_handlers
 from routes.guard import RequestGuard
@@ -167,6 +167,7 @@ class HuggingFaceService(TypedApis):  # routes are mounted per instance in __ini
                 api_key=self.args.api_key.get_secret_value() if self.args.api_key else None,
                 retry_after_s=self.args.retry_after_s,
                 lifecycle=LIFECYCLE,  # draining refuses new calls; the drain waits for calls in flight
+                on_cancelled=lambda method: CANCELLED.labels(route=method).inc(),
             )
 
     @bentoml.on_shutdown

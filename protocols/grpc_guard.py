@@ -3,11 +3,15 @@
 One server interceptor, run before the API key's:
 - while the server drains (SIGTERM, routes/lifecycle.py), a new call is refused with UNAVAILABLE, a message
   and `retry-after` metadata, so a client or balancer retries on another replica; liveness stays open;
-- calls being answered count in the lifecycle's `in_flight`, so the drain waits for them as for HTTP requests.
+- calls being answered count in the lifecycle's `in_flight`, so the drain waits for them as for HTTP requests;
+- a call its client cancelled (or whose deadline passed) is reported to `on_cancelled`: grpc.aio cancels the
+  handler's task then, and the cancellation reaches what it awaits (the batcher skips the request, generation
+  aborts its rows).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
@@ -33,16 +37,18 @@ class LifecycleState(Protocol):
 
 
 class LifecycleInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses new calls while draining and counts calls in flight."""
+    """Refuses new calls while draining, counts calls in flight, reports calls their clients cancelled."""
 
     def __init__(
         self,
         state: LifecycleState | None,
         *,
         retry_after_s: int = 1,
+        on_cancelled: Callable[[str], None] | None = None,
     ) -> None:
         self.state = state
         self.retry_after_s = retry_after_s
+        self.on_cancelled = on_cancelled
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
@@ -78,6 +84,9 @@ class LifecycleInterceptor(grpc.aio.ServerInterceptor):
             self._enter()
             try:
                 return await behaviour(request, context)
+            except asyncio.CancelledError:
+                self._cancelled(context, method)
+                raise
             finally:
                 self._leave()
 
@@ -89,6 +98,9 @@ class LifecycleInterceptor(grpc.aio.ServerInterceptor):
             try:
                 async for response in behaviour(request, context):
                     yield response
+            except asyncio.CancelledError:
+                self._cancelled(context, method)
+                raise
             finally:
                 self._leave()
 
@@ -101,3 +113,9 @@ class LifecycleInterceptor(grpc.aio.ServerInterceptor):
     def _leave(self) -> None:
         if self.state is not None:
             self.state.in_flight -= 1
+
+    def _cancelled(self, context: grpc.aio.ServicerContext, method: str) -> None:
+        # The client's cancellation or deadline (context.cancelled() is not yet True when the handler hears of
+        # it), or rarely the server's stop past its grace period, which cuts calls as well.
+        if self.on_cancelled is not None:
+            self.on_cancelled(method)

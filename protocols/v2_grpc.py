@@ -376,16 +376,18 @@ async def start_grpc_server(
     api_key: str | None = None,
     retry_after_s: int = 1,
     lifecycle: LifecycleState | None = None,
+    on_cancelled: Callable[[str], None] | None = None,
 ) -> grpc.aio.Server:
     """Serve GRPCInferenceService on host:port in the running event loop; stop it with `await server.stop(grace)`.
 
-    `lifecycle` (routes.lifecycle.Lifecycle) refuses new calls while draining and counts calls in flight.
+    `lifecycle` (routes.lifecycle.Lifecycle) refuses new calls while draining and counts calls in flight;
+    `on_cancelled(method)` hears of each call its client cancelled (protocols/grpc_guard.py).
 
     grpc sets SO_REUSEPORT by default, so every BentoML worker process may bind the same port.
     """
     server = grpc.aio.server(
         interceptors=[
-            LifecycleInterceptor(lifecycle, retry_after_s=retry_after_s),
+            LifecycleInterceptor(lifecycle, retry_after_s=retry_after_s, on_cancelled=on_cancelled),
             *([ApiKeyInterceptor(api_key)] if api_key else []),
         ],
         options=[
