@@ -35,7 +35,7 @@ from routes.common import Timer
 from routes.errors import install_error_handlers
 from routes.guard import RequestGuard
 from routes.lifecycle import Lifecycle
-from routes.openapi import install_openapi
+from routes.openapi import install_bentoml_openapi, install_openapi
 from settings.arguments import ArgumentError, ServerArguments, parse_arguments
 from settings.loading import ModelLoadError, ModelSource, apply_log_config, apply_torch_threads, inspect_model
 from settings.model_store import stored_model_path
@@ -194,3 +194,4 @@ _GUARD_OPTIONS: dict[str, Any] = {
 }
 app.add_middleware(RequestGuard, **_GUARD_OPTIONS)
 HuggingFaceService.add_asgi_middleware(RequestGuard, **_GUARD_OPTIONS)
+install_bentoml_openapi(HuggingFaceService)  # /docs: the models our routes name, in BentoML's document too
