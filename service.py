@@ -30,12 +30,12 @@ from routes import tei as tei_routes
 from routes import tokenize as tokenize_routes
 from routes import vllm_openai as vllm_openai_routes
 from routes.bentoml_api import TypedApis
-from routes.cancellation import CancelOnDisconnect
+from routes.cancellation import CANCELLED, CancelOnDisconnect
 from routes.common import Timer
 from routes.errors import install_error_handlers
 from routes.guard import RequestGuard
 from routes.lifecycle import Lifecycle
-from routes.openapi import install_openapi
+from routes.openapi import install_bentoml_openapi, install_openapi
 from settings.arguments import ArgumentError, ServerArguments, parse_arguments
 from settings.loading import ModelLoadError, ModelSource, apply_log_config, apply_torch_threads, inspect_model
 from settings.model_store import stored_model_path
@@ -170,6 +170,8 @@ class HuggingFaceService(TypedApis):  # routes are mounted per instance in __ini
                 max_receive_message_length=min(self.args.grpc_max_receive_message_length, self.args.max_request_bytes),
                 api_key=self.args.api_key.get_secret_value() if self.args.api_key else None,
                 retry_after_s=self.args.retry_after_s,
+                lifecycle=LIFECYCLE,  # draining refuses new calls; the drain waits for calls in flight
+                on_cancelled=lambda method: CANCELLED.labels(route=method).inc(),
             )
 
     @bentoml.on_shutdown
@@ -196,3 +198,4 @@ _GUARD_OPTIONS: dict[str, Any] = {
 }
 app.add_middleware(RequestGuard, **_GUARD_OPTIONS)
 HuggingFaceService.add_asgi_middleware(RequestGuard, **_GUARD_OPTIONS)
+install_bentoml_openapi(HuggingFaceService)  # /docs: the models our routes name, in BentoML's document too

@@ -30,6 +30,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from handlers.errors import InvalidInput, ModelNotFound, ServingError
 from handlers.requests import TaskResult, TensorSpec
 from protocols import v2, v2_binary
+from protocols.grpc_guard import LifecycleInterceptor, LifecycleState
 from settings.tasks import Task
 
 if TYPE_CHECKING:  # the runtime module imports torch; this one need not
@@ -374,13 +375,21 @@ async def start_grpc_server(
     max_receive_message_length: int = MAX_MESSAGE_BYTES,
     api_key: str | None = None,
     retry_after_s: int = 1,
+    lifecycle: LifecycleState | None = None,
+    on_cancelled: Callable[[str], None] | None = None,
 ) -> grpc.aio.Server:
     """Serve GRPCInferenceService on host:port in the running event loop; stop it with `await server.stop(grace)`.
+
+    `lifecycle` (routes.lifecycle.Lifecycle) refuses new calls while draining and counts calls in flight;
+    `on_cancelled(method)` hears of each call its client cancelled (protocols/grpc_guard.py).
 
     grpc sets SO_REUSEPORT by default, so every BentoML worker process may bind the same port.
     """
     server = grpc.aio.server(
-        interceptors=[ApiKeyInterceptor(api_key)] if api_key else None,
+        interceptors=[
+            LifecycleInterceptor(lifecycle, retry_after_s=retry_after_s, on_cancelled=on_cancelled),
+            *([ApiKeyInterceptor(api_key)] if api_key else []),
+        ],
         options=[
             ("grpc.max_send_message_length", max_send_message_length),
             # A larger message is refused by grpc itself with RESOURCE_EXHAUSTED before it is read into memory.

@@ -12,10 +12,14 @@ from handlers.errors import InvalidInput, ModelNotFound
 from handlers.requests import RequestOptions
 from protocols import openai as openai_generation
 from protocols import openai_embeddings
+from protocols.openai import responses as openai_responses
 from protocols.openai import schemas as openai_schemas
 from routes.common import OPENAI_PREFIX, ServedModel, json_object, json_response, predict, require_json
-from routes.openapi import errors, request_body
+from routes.openapi import errors, event_stream, request_body
 from settings.tasks import Task
+
+_COMPLETION = "The completion (application/json), or with `stream: true` its chunks as server-sent events"
+_CHAT = "The chat completion (application/json), or with `stream: true` its chunks as server-sent events"
 
 
 def build_router(served: ServedModel) -> APIRouter:
@@ -49,14 +53,18 @@ def build_router(served: ServedModel) -> APIRouter:
         return json_response(openai_embeddings.embedding_response(embedding_request, args.model_name, result))
 
     @router.post(
-        "/v1/completions", responses=errors("openai"), openapi_extra=request_body(openai_schemas.CompletionRequest)
+        "/v1/completions",
+        response_model=openai_responses.CompletionResponse,
+        responses={**errors("openai"), **event_stream(openai_responses.CompletionStreamResponse, _COMPLETION)},
+        openapi_extra=request_body(openai_schemas.CompletionRequest),
     )
     async def openai_completions(request: Request) -> Response:
         return await _generate(request, openai_generation.create_completion)
 
     @router.post(
         "/v1/chat/completions",
-        responses=errors("openai"),
+        response_model=openai_responses.ChatCompletionResponse,
+        responses={**errors("openai"), **event_stream(openai_responses.ChatCompletionStreamResponse, _CHAT)},
         openapi_extra=request_body(openai_schemas.ChatCompletionRequest),
     )
     async def openai_chat_completions(request: Request) -> Response:

@@ -7,7 +7,9 @@ Set UPDATE_SCREENSHOTS=1 to refresh docs/playground-*.png from the browser tests
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -215,6 +217,8 @@ def test_kserve_openai_docs_and_index_still_answer(servers):
     for path in paths:
         assert path in spec["paths"], f"{path} is missing from BentoML's OpenAPI document"
     assert spec["paths"]["/bentoml/embed"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    named = set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(spec)))
+    assert named - set(spec["components"]["schemas"]) == set(), "references to models the document lacks"
     docs = httpx.get(f"{url}/docs")
     assert docs.status_code == 200 and "/docs.json" in docs.text
     assert httpx.get(f"{url}/static_content/swagger-ui-bundle.js").status_code == 200  # offline assets

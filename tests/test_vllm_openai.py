@@ -251,9 +251,16 @@ def test_kserve_routes_and_metrics_share_the_engine(server: str, client: openai.
 
 
 def test_errors_are_openai_shaped(server: str) -> None:
+    """vLLM's own errors, with the request id beside `error` as in every other error body."""
     answer = httpx.post(
         server + "/openai/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]}
     )
     assert answer.status_code == 404 and answer.json()["error"]["message"]
-    answer = httpx.post(server + "/openai/v1/completions", json={"model": "smollm2", "prompt": "x", "max_tokens": -1})
+    assert answer.json()["request_id"] == answer.headers["x-request-id"]
+    answer = httpx.post(
+        server + "/openai/v1/completions",
+        json={"model": "smollm2", "prompt": "x", "max_tokens": -1},
+        headers={"x-request-id": "vllm-400"},
+    )
     assert answer.status_code == 400 and answer.json()["error"]["message"]
+    assert answer.json()["request_id"] == answer.headers["x-request-id"] == "vllm-400"
