@@ -5,6 +5,8 @@ started (engines/generation/vllm_openai.py); this router only hands every /opena
 prefix moved into the ASGI root_path as Starlette's Mount does. Everything vLLM serves is there: chat,
 completions, models, tokenize, detokenize, responses, the pooling routes of a pooling model; vLLM's
 request models are in its OpenAPI document at /openai/openapi.json. Errors are vLLM's (OpenAI-shaped).
+An encoder model served with `backend=vllm` gets the same forwarding to its pooling engine's app
+(engines/vllm_pooling.py).
 Before the engine is up the answer is our 503 (NotReady), like every other route.
 """
 
@@ -25,10 +27,12 @@ class VLLMOpenAIApp:
         self.served = served
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        runtime = self.served.runtime
-        vllm_app: Any = getattr(self.served.generation, "openai_app", None)
-        if vllm_app is None or not runtime.ready:
-            raise runtime.not_ready_error()  # type: ignore[union-attr]
+        # An encoder model on vLLM (`backend=vllm`) has its own pooling engine; a generative one the backend's.
+        pooling = getattr(self.served, "vllm_pooling", None)
+        owner: Any = pooling if pooling is not None else self.served.runtime
+        vllm_app: Any = getattr(pooling if pooling is not None else self.served.generation, "openai_app", None)
+        if vllm_app is None or not owner.ready:
+            raise owner.not_ready_error()
         # Starlette routes on the path minus root_path: vLLM's /v1/... routes see /openai/v1/... requests.
         await vllm_app({**scope, "root_path": scope.get("root_path", "") + OPENAI_PREFIX}, receive, send)
 
