@@ -94,7 +94,11 @@ class ServerArguments(BaseModel):
     tokenizer_revision: str | None = Field(None, description="Hub revision of the tokenizer.")
     dtype: Dtype = Field("auto", description="auto: the config's torch_dtype, else float16 on GPU, float32 on CPU.")
     task: str | None = Field(None, description="Task; inferred from config.architectures when not set.")
-    backend: Backend = Field("auto", description="auto: vLLM for generation when it supports the model.")
+    backend: Backend = Field(
+        "auto",
+        description="auto: vLLM for generation when it supports the model; vllm on an encoder task: vLLM's "
+        "pooling routes under /openai.",
+    )
     max_model_len: int | None = Field(
         None,
         gt=0,
