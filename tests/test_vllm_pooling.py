@@ -135,7 +135,9 @@ def test_the_encoder_runtime_still_serves_the_other_protocols(embedding_server: 
     """KServe V1 and vLLM's /openai on the same server, for the same model."""
     answer = httpx.post(embedding_server + "/v1/models/tiny:predict", json={"instances": TEXTS[:1]}, timeout=60)
     assert answer.status_code == 200, answer.text
-    wrong_model = httpx.post(embedding_server + "/openai/v1/embeddings", json={"model": "nope", "input": "x"})
+    wrong_model = httpx.post(
+        embedding_server + "/openai/v1/embeddings", json={"model": "nope", "input": "x"}, timeout=60
+    )
     assert wrong_model.status_code == 404 and wrong_model.json()["error"]["message"]
 
 
