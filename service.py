@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from engines.encoder_runtime import PredictiveRuntime
 from engines.generation.backend import GenerationBackend
 from engines.generation.select import build_generation_backend, transformers_refusal, vllm_unavailable_reason
+from engines.vllm_pooling import VLLMPoolingEngine, pooling_unavailable_reason
 from protocols import v2_grpc
 from protocols.kserve_generation import GenerativeRuntime
 from routes import fallback as fallback_routes
@@ -64,8 +65,9 @@ def _settle_model() -> tuple[ServerArguments, ModelSource]:
         source = inspect_model(args)
         if source.task.is_generative and args.predictor_host:
             raise ModelLoadError("predictor_host serves encoder tasks; generative models run in this server")
-        if source.task.is_generative and args.backend == "vllm":
-            reason = vllm_unavailable_reason(source)
+        if args.backend == "vllm":
+            unavailable = vllm_unavailable_reason if source.task.is_generative else pooling_unavailable_reason
+            reason = unavailable(source)
             if reason:
                 raise ModelLoadError(f"backend 'vllm' was asked for but cannot serve this model: {reason}")
         if source.task.is_generative:
@@ -128,11 +130,15 @@ class HuggingFaceService(TypedApis):  # routes are mounted per instance in __ini
         apply_torch_threads(ARGS)
         self.timer = Timer(ARGS.model_name, latency_logging=ARGS.enable_latency_logging)
         self.generation: GenerationBackend | None = None
+        # An encoder model with backend=vllm: vLLM's pooling engine serves /openai, our runtime the rest.
+        self.vllm_pooling: VLLMPoolingEngine | None = None
         self.runtime: PredictiveRuntime | GenerativeRuntime
         if SOURCE.task.is_generative:
             self.generation = build_generation_backend(SOURCE, ARGS)
             self.runtime = GenerativeRuntime(self.generation, ARGS, SOURCE)  # started in the event loop below
         else:
+            if ARGS.backend == "vllm":
+                self.vllm_pooling = VLLMPoolingEngine(SOURCE, ARGS)  # started in the event loop below
             self.runtime = PredictiveRuntime(ARGS, SOURCE)
             self.runtime.start_loading()
         self.grpc_server: Any = None
@@ -141,7 +147,7 @@ class HuggingFaceService(TypedApis):  # routes are mounted per instance in __ini
         # class views resolve one in a thread pool for every request, a measurable share of a small request).
         # On the vLLM backend /openai is vLLM's own OpenAI layer on the same engine (tokenize included); else ours.
         # The fallback router answers unknown paths in their protocol's shape, so it comes last.
-        if getattr(self.generation, "name", None) == "vllm":
+        if getattr(self.generation, "name", None) == "vllm" or self.vllm_pooling is not None:
             openai_layer: tuple[Any, ...] = (vllm_openai_routes,)
         else:
             openai_layer = (openai_routes, tokenize_routes)
@@ -154,6 +160,8 @@ class HuggingFaceService(TypedApis):  # routes are mounted per instance in __ini
         """The generation engine and the gRPC service (KServe's port 8081) live in this worker's event loop."""
         if isinstance(self.runtime, GenerativeRuntime):
             self.runtime.start_loading()
+        if self.vllm_pooling is not None:
+            self.vllm_pooling.start_loading()
         if self.args.max_asyncio_workers is not None:
             executor = concurrent.futures.ThreadPoolExecutor(self.args.max_asyncio_workers, "asyncio-worker")
             asyncio.get_running_loop().set_default_executor(executor)
@@ -180,9 +188,12 @@ class HuggingFaceService(TypedApis):  # routes are mounted per instance in __ini
             await self.grpc_server.stop(grace=5)
         if isinstance(self.runtime, GenerativeRuntime):
             await self.runtime.stop()
+        if self.vllm_pooling is not None:
+            await self.vllm_pooling.stop()
 
     def __is_ready__(self) -> bool:
-        return self.runtime.ready and not LIFECYCLE.draining
+        pooling_ready = self.vllm_pooling is None or self.vllm_pooling.ready
+        return self.runtime.ready and pooling_ready and not LIFECYCLE.draining
 
 
 # The guard wraps BentoML's outer app, so the typed @bentoml.api endpoints and the mounted routes alike pass

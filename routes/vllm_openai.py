@@ -6,6 +6,8 @@ prefix moved into the ASGI root_path as Starlette's Mount does. Everything vLLM 
 completions, models, tokenize, detokenize, responses, the pooling routes of a pooling model; vLLM's
 request models are in its OpenAPI document at /openai/openapi.json. Errors are vLLM's (OpenAI-shaped), given
 the request's id as every other error body has it: a top-level `request_id` beside `error` (routes/errors.py).
+An encoder model served with `backend=vllm` gets the same forwarding to its pooling engine's app
+(engines/vllm_pooling.py).
 Before the engine is up the answer is our 503 (NotReady), like every other route.
 """
 
@@ -28,10 +30,12 @@ class VLLMOpenAIApp:
         self.served = served
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        runtime = self.served.runtime
-        vllm_app: Any = getattr(self.served.generation, "openai_app", None)
-        if vllm_app is None or not runtime.ready:
-            raise runtime.not_ready_error()  # type: ignore[union-attr]
+        # An encoder model on vLLM (`backend=vllm`) has its own pooling engine; a generative one the backend's.
+        pooling = getattr(self.served, "vllm_pooling", None)
+        owner: Any = pooling if pooling is not None else self.served.runtime
+        vllm_app: Any = getattr(pooling if pooling is not None else self.served.generation, "openai_app", None)
+        if vllm_app is None or not owner.ready:
+            raise owner.not_ready_error()
         request_id = request_id_of(scope)
         if request_id:
             send = error_bodies_with_request_id(send, request_id)

@@ -99,7 +99,11 @@ class ServerArguments(BaseModel):
         "(torch's scaled_dot_product_attention where the architecture has it).",
     )
     task: str | None = Field(None, description="Task; inferred from config.architectures when not set.")
-    backend: Backend = Field("auto", description="auto: vLLM for generation when it supports the model.")
+    backend: Backend = Field(
+        "auto",
+        description="auto: vLLM for generation when it supports the model; vllm on an encoder task: vLLM's "
+        "pooling routes under /openai.",
+    )
     max_model_len: int | None = Field(
         None,
         gt=0,

@@ -198,9 +198,10 @@ def test_logit_bias_token_id_prompts_and_prompt_logprobs(client: openai.OpenAI, 
 def test_tokenize_and_detokenize(server: str, smollm2: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2))
     text = "Hello world, how are you?"
-    tokens = httpx.post(server + "/openai/tokenize", json={"model": "smollm2", "prompt": text}).json()["tokens"]
+    answer = httpx.post(server + "/openai/tokenize", json={"model": "smollm2", "prompt": text}, timeout=60)
+    tokens = answer.json()["tokens"]
     assert tokens == tokenizer(text).input_ids
-    back = httpx.post(server + "/openai/detokenize", json={"model": "smollm2", "tokens": tokens}).json()
+    back = httpx.post(server + "/openai/detokenize", json={"model": "smollm2", "tokens": tokens}, timeout=60).json()
     assert back["prompt"] == text
 
 
@@ -236,7 +237,7 @@ def test_kserve_routes_and_metrics_share_the_engine(server: str, client: openai.
     v1 = httpx.post(server + "/v1/models/smollm2:predict", json=body, timeout=60).json()
     openai_text = client.completions.create(model="smollm2", prompt=prompt, max_tokens=6, temperature=0)
     assert v1["predictions"] == [openai_text.choices[0].text]
-    metrics = httpx.get(server + "/metrics").text
+    metrics = httpx.get(server + "/metrics", timeout=60).text
     for name in (
         "vllm:num_requests_running",
         "vllm:num_requests_waiting",
@@ -253,7 +254,9 @@ def test_kserve_routes_and_metrics_share_the_engine(server: str, client: openai.
 def test_errors_are_openai_shaped(server: str) -> None:
     """vLLM's own errors, with the request id beside `error` as in every other error body."""
     answer = httpx.post(
-        server + "/openai/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]}
+        server + "/openai/v1/chat/completions",
+        json={"model": "nope", "messages": [{"role": "user", "content": "x"}]},
+        timeout=60,
     )
     assert answer.status_code == 404 and answer.json()["error"]["message"]
     assert answer.json()["request_id"] == answer.headers["x-request-id"]
@@ -261,6 +264,7 @@ def test_errors_are_openai_shaped(server: str) -> None:
         server + "/openai/v1/completions",
         json={"model": "smollm2", "prompt": "x", "max_tokens": -1},
         headers={"x-request-id": "vllm-400"},
+        timeout=60,
     )
     assert answer.status_code == 400 and answer.json()["error"]["message"]
     assert answer.json()["request_id"] == answer.headers["x-request-id"] == "vllm-400"

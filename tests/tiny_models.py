@@ -164,16 +164,19 @@ def build_generation_tokenizer(
 # --- BERT models ---
 
 
-def _bert_config(tokenizer: BertTokenizerFast, initializer_range: float = 0.1, **extra: object) -> BertConfig:
+def _bert_config(
+    tokenizer: BertTokenizerFast, initializer_range: float = 0.1, hidden_size: int = 32, **extra: object
+) -> BertConfig:
     """BERT's shape, scaled down. The weights are 5x BERT's initial scale (0.02): with that, a random
-    model's outputs are nearly uniform and the same for every input, which tests nothing."""
+    model's outputs are nearly uniform and the same for every input, which tests nothing. hidden_size=64
+    gives head size 32, the smallest vLLM's CPU attention takes (the default 32 gives 16)."""
     return BertConfig(
         initializer_range=initializer_range,
         vocab_size=len(tokenizer),
-        hidden_size=32,
+        hidden_size=hidden_size,
         num_hidden_layers=2,
         num_attention_heads=2,
-        intermediate_size=64,
+        intermediate_size=2 * hidden_size,
         max_position_embeddings=128,
         pad_token_id=tokenizer.pad_token_id,
         **extra,
@@ -195,10 +198,11 @@ def _labels(names: list[str]) -> dict[str, object]:
     }
 
 
-def build_sequence_classification(folder: Path, tokenizer: BertTokenizerFast) -> Path:
+def build_sequence_classification(folder: Path, tokenizer: BertTokenizerFast, hidden_size: int = 32) -> Path:
     torch.manual_seed(SEED)
     # Larger still, so that different inputs get different classes (checked by the tests).
-    model = BertForSequenceClassification(_bert_config(tokenizer, 0.2, **_labels(SENTIMENT_LABELS)))
+    config = _bert_config(tokenizer, 0.2, hidden_size, **_labels(SENTIMENT_LABELS))
+    model = BertForSequenceClassification(config)
     return _save(model, tokenizer, folder)
 
 
@@ -221,10 +225,10 @@ def build_bert_model(folder: Path, tokenizer: BertTokenizerFast) -> Path:
     return _save(model, tokenizer, folder)
 
 
-def build_sentence_transformers(folder: Path, tokenizer: BertTokenizerFast) -> Path:
+def build_sentence_transformers(folder: Path, tokenizer: BertTokenizerFast, hidden_size: int = 32) -> Path:
     """A sentence-transformers layout: Transformer, CLS Pooling, Normalize (JSON written by hand)."""
     torch.manual_seed(SEED + 4)
-    config = _bert_config(tokenizer)
+    config = _bert_config(tokenizer, hidden_size=hidden_size)
     model = BertModel(config)
     _save(model, tokenizer, folder)
     modules = [
@@ -252,11 +256,11 @@ def build_sentence_transformers(folder: Path, tokenizer: BertTokenizerFast) -> P
     return folder
 
 
-def build_cross_encoder(folder: Path, tokenizer: BertTokenizerFast) -> Path:
+def build_cross_encoder(folder: Path, tokenizer: BertTokenizerFast, hidden_size: int = 32) -> Path:
     """A sentence-transformers CrossEncoder folder (v6 layout, JSON written by hand): a one-label
     BertForSequenceClassification with modules.json and config_sentence_transformers.json naming it."""
     torch.manual_seed(SEED + 7)
-    model = BertForSequenceClassification(_bert_config(tokenizer, 0.2, num_labels=1))
+    model = BertForSequenceClassification(_bert_config(tokenizer, 0.2, hidden_size, num_labels=1))
     _save(model, tokenizer, folder)
     transformer_type = "sentence_transformers.base.modules.transformer.Transformer"
     modules = [{"idx": 0, "name": "0", "path": "", "type": transformer_type}]

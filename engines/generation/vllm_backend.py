@@ -93,6 +93,50 @@ def _finish_reason(reason: str | None) -> FinishReason | None:
     raise ServingError(f"the generation engine failed the request (finish reason '{reason}')")
 
 
+def serve_namespace(source: ModelSource, args: ServerArguments, **fixed: Any) -> argparse.Namespace:
+    """The `vllm serve` Namespace for this model: the server's own arguments under vLLM's names, `fixed`
+    (e.g. runner="pooling"), then the user's vLLM arguments, which win."""
+    values: dict[str, Any] = {
+        "model": str(source.path),
+        "tokenizer": str(source.path),
+        "served_model_name": [args.model_name],
+        "dtype": _DTYPE_NAMES.get(source.dtype, "auto"),
+        "max_model_len": source.max_model_len,
+        "trust_remote_code": args.trust_remote_code,
+        "max_num_queued_reqs": args.max_queue_size,
+        "disable_log_stats": False,
+        # A server argument of ours with vLLM's name and meaning: it reaches vLLM's own chat layer too.
+        "trust_request_chat_template": args.trust_request_chat_template,
+        **fixed,
+    }
+    if args.model_revision:
+        values["revision"] = args.model_revision
+    if args.tokenizer_revision:
+        values["tokenizer_revision"] = args.tokenizer_revision
+    if args.gpus > 1:
+        values["tensor_parallel_size"] = args.gpus
+    try:
+        return parse_serve_arguments({**values, **args.engine_args})
+    except ServeArgumentError as error:
+        raise ModelLoadError(f"invalid vLLM arguments: {error}") from None
+
+
+def build_engine(namespace: argparse.Namespace) -> Any:
+    """vLLM's AsyncLLM from a `vllm serve` Namespace, as `vllm serve` builds it (blocks for seconds)."""
+    from vllm import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    try:
+        engine_args = AsyncEngineArgs.from_cli_args(namespace)
+    except (TypeError, ValueError) as error:
+        raise ModelLoadError(f"invalid vLLM engine arguments: {error}") from None
+    try:
+        return AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER)
+    except Exception as error:
+        raise ModelLoadError(f"the vLLM engine did not start: {type(error).__name__}: {error}") from error
+
+
 class VLLMBackend:
     """GenerationBackend on vLLM's AsyncLLM (continuous batching, paged KV cache)."""
 
@@ -118,29 +162,7 @@ class VLLMBackend:
 
     def serve_arguments(self) -> argparse.Namespace:
         """The `vllm serve` Namespace for this model (see the module docstring)."""
-        source, args = self.source, self.args
-        values: dict[str, Any] = {
-            "model": str(source.path),
-            "tokenizer": str(source.path),
-            "served_model_name": [args.model_name],
-            "dtype": _DTYPE_NAMES.get(source.dtype, "auto"),
-            "max_model_len": source.max_model_len,
-            "trust_remote_code": args.trust_remote_code,
-            "max_num_queued_reqs": args.max_queue_size,
-            "disable_log_stats": False,
-            # A server argument of ours with vLLM's name and meaning: it reaches vLLM's own chat layer too.
-            "trust_request_chat_template": args.trust_request_chat_template,
-        }
-        if args.model_revision:
-            values["revision"] = args.model_revision
-        if args.tokenizer_revision:
-            values["tokenizer_revision"] = args.tokenizer_revision
-        if args.gpus > 1:
-            values["tensor_parallel_size"] = args.gpus
-        try:
-            namespace = parse_serve_arguments({**values, **args.engine_args})
-        except ServeArgumentError as error:
-            raise ModelLoadError(f"invalid vLLM arguments: {error}") from None
+        namespace = serve_namespace(self.source, self.args)
         for name, value in self._overrides.items():
             setattr(namespace, name, value)
         return namespace
@@ -163,7 +185,7 @@ class VLLMBackend:
                 os.environ.setdefault(name, value)
         namespace = self.serve_arguments()
         # Building the engine blocks for seconds (it starts and waits for the engine-core process).
-        self.engine = await asyncio.to_thread(self._build_engine, namespace)
+        self.engine = await asyncio.to_thread(build_engine, namespace)
         model_config = self.engine.model_config
         self.max_model_len = int(model_config.max_model_len)
         self._max_logprobs = int(getattr(model_config, "max_logprobs", _DEFAULT_MAX_LOGPROBS))
@@ -189,21 +211,6 @@ class VLLMBackend:
         request = GenerationRequest("warm-up", (int(token),), SamplingOptions(max_tokens=1, temperature=0.0))
         async for _ in self.generate(request):
             pass
-
-    @staticmethod
-    def _build_engine(namespace: argparse.Namespace) -> Any:
-        from vllm import AsyncEngineArgs
-        from vllm.usage.usage_lib import UsageContext
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        try:
-            engine_args = AsyncEngineArgs.from_cli_args(namespace)
-        except (TypeError, ValueError) as error:
-            raise ModelLoadError(f"invalid vLLM engine arguments: {error}") from None
-        try:
-            return AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER)
-        except Exception as error:
-            raise ModelLoadError(f"the vLLM engine did not start: {type(error).__name__}: {error}") from error
 
     async def stop(self) -> None:
         self.openai_app = None
