@@ -14,7 +14,8 @@ answering (health checks, new requests) while a forward pass runs. The pipeline:
   does not fit stays at the head of the queue and starts the next batch, so nothing is overtaken forever.
 - The express lane (on when `express_cost` is given): while the forward thread runs a *large* batch (its
   cost, rows x padded length, above `express_after_cost`), a second thread takes *small* ready items (each
-  costing at most `express_cost`) and runs them beside it. A pass over a few 512-token rows takes tens of
+  costing at most `express_cost`) and runs them beside it. The forward thread then batches small items only
+  with small items, so none of them rides in a long pass. A pass over a few 512-token rows takes tens of
   times a short sentence's pass, and strict FIFO on one thread would make every small request arriving
   behind it wait for all of it; on the express lane it shares the CPU with that pass instead.
 - A caller that left (its future cancelled) is skipped at every stage: before preparing and before running.
@@ -222,6 +223,9 @@ class MicroBatcher(Generic[Work, Result]):
                 self._ready_changed.wait()
             first = self._ready.popleft()
             batch, rows, length = [first], first.rows, first.length
+            # With the express lane, small items are never batched with others: a small row in a long row's
+            # batch may share its pass (tiny passes are not split off), and would wait for all of it.
+            small_batch = self._is_small(first)
             deadline = time.perf_counter() + self.max_wait_s
             while rows < self.max_batch_size:
                 if not self._ready:
@@ -235,7 +239,7 @@ class MicroBatcher(Generic[Work, Result]):
                     self._ready.popleft()
                     batch.append(head)  # dropped below with the other gone callers
                     continue
-                if not self._fits(rows, length, head):
+                if not self._fits(rows, length, head) or self._is_small(head) != small_batch:
                     break  # it stays at the head and starts the next batch: arrival order is kept
                 batch.append(self._ready.popleft())
                 rows, length = rows + head.rows, max(length, head.length)

@@ -295,3 +295,34 @@ def test_the_express_lane_skips_a_gone_caller_and_reports_a_failure_to_its_own_b
     ran = [name for _, batch in process.batches for name in batch]
     assert "gone" not in ran and "after" in ran
     assert batcher._queued_size == 0  # every item's size was given back
+
+
+def test_with_the_express_lane_small_items_never_share_a_large_items_batch():
+    """Small items queued around a large one are batched apart from it (in order), so none waits in its pass."""
+    process = _HeldLarge()
+    gate = threading.Event()
+
+    def held_first(works):
+        if works[0][0] == "first":
+            gate.wait(5)  # so the next items are all ready when the forward thread collects them
+        return process(works)
+
+    batcher = _express_pipeline(held_first, max_batch_tokens=1024)
+
+    async def run() -> list[str]:
+        first = asyncio.ensure_future(batcher.submit(("first", 1, 8)))
+        await asyncio.sleep(0.05)
+        queued = []
+        for name, rows, length in [("a", 1, 8), ("big", 2, 128), ("b", 1, 8)]:  # all fit one budget
+            queued.append(asyncio.ensure_future(batcher.submit((name, rows, length), size=rows)))
+            await asyncio.sleep(0.01)
+        gate.set()
+        await _wait_for(process.big_running)
+        answered = [await first, await queued[0], await queued[2]]  # while the large batch is held
+        process.release.set()
+        return [*answered, await queued[1]]
+
+    assert asyncio.run(run()) == ["first", "a", "b", "big"]
+    batcher.close()
+    assert [batch for _, batch in process.batches] == [["first"], ["a"], ["big"], ["b"]]
+    assert process.batches[-1][0].endswith("-express")
