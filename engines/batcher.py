@@ -12,12 +12,14 @@ answering (health checks, new requests) while a forward pass runs. The pipeline:
 - The forward thread takes ready items strictly in the order they became ready. A batch grows while it
   fits both `max_batch_size` rows and the `max_batch_tokens` budget (padded length x rows); an item that
   does not fit stays at the head of the queue and starts the next batch, so nothing is overtaken forever.
-- The express lane (on when `express_cost` is given): while the forward thread runs a *large* batch (its
-  cost, rows x padded length, above `express_after_cost`), a second thread takes *small* ready items (each
-  costing at most `express_cost`) and runs them beside it. The forward thread then batches small items only
-  with small items, so none of them rides in a long pass. A pass over a few 512-token rows takes tens of
-  times a short sentence's pass, and strict FIFO on one thread would make every small request arriving
-  behind it wait for all of it; on the express lane it shares the CPU with that pass instead.
+- The express lane (on when `express_cost` is given): items costing at most `express_cost` (rows x padded
+  length) are *small*, and the forward thread batches them only with small items, so none rides in a long
+  pass. While it runs a *large* batch (of items that are not small, costing over `express_after_cost`), a
+  second thread takes small ready items and runs them beside it. A pass over a few 512-token rows takes
+  tens of times a short sentence's, and strict FIFO on one thread would make every small request arriving
+  behind it wait for all of it; on the express lane it shares the CPU with that pass instead. Beside a
+  batch of small items the lane stays shut: that batch is short, and splitting a stream of small requests
+  into two lanes would only shrink batches and oversubscribe the cores (c=32 throughput fell by half).
 - A caller that left (its future cancelled) is skipped at every stage: before preparing and before running.
 
 Why arrival order still holds. The forward thread's batches are FIFO as above. The express lane takes small
@@ -244,7 +246,9 @@ class MicroBatcher(Generic[Work, Result]):
                 batch.append(self._ready.popleft())
                 rows, length = rows + head.rows, max(length, head.length)
             cost = rows * length
-            if self.express_cost is not None and cost > self.express_after_cost:
+            # A batch of small items is short however full (its rows are short): the lane stays shut beside it,
+            # so a stream of small requests is batched exactly as without the lane.
+            if self.express_cost is not None and not small_batch and cost > self.express_after_cost:
                 self._large_running = True  # cleared by _forward_loop once the batch is done
                 self._ready_changed.notify_all()
             return batch, cost

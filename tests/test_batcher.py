@@ -326,3 +326,39 @@ def test_with_the_express_lane_small_items_never_share_a_large_items_batch():
     batcher.close()
     assert [batch for _, batch in process.batches] == [["first"], ["a"], ["big"], ["b"]]
     assert process.batches[-1][0].endswith("-express")
+
+
+def test_the_express_lane_stays_shut_beside_a_full_batch_of_small_items():
+    """A batch of small items over express_after_cost is still short: the next small item waits its turn."""
+    process = _HeldLarge()
+    hold_first, hold_full = threading.Event(), threading.Event()
+    full_running = threading.Event()
+
+    def held(works):
+        names = [w[0] for w in works]
+        if names == ["first"]:
+            hold_first.wait(5)
+        if "s0" in names:
+            full_running.set()
+            hold_full.wait(5)
+        return process(works)
+
+    batcher = _express_pipeline(held)  # max_batch_size 8: 8 small rows x 32 = 256 > express_after_cost 128
+
+    async def run() -> list[str]:
+        first = asyncio.ensure_future(batcher.submit(("first", 1, 8)))
+        await asyncio.sleep(0.05)
+        full = [asyncio.ensure_future(batcher.submit((f"s{i}", 1, 32))) for i in range(8)]
+        await asyncio.sleep(0.05)
+        hold_first.set()
+        await _wait_for(full_running)
+        after = asyncio.ensure_future(batcher.submit(("t", 1, 8)))
+        await asyncio.sleep(0.1)
+        assert not after.done()  # no express lane beside small items
+        hold_full.set()
+        return [await first, *(await asyncio.gather(*full)), await after]
+
+    assert asyncio.run(run()) == ["first", *(f"s{i}" for i in range(8)), "t"]
+    batcher.close()
+    assert all(thread.endswith("-forward") for thread, _ in process.batches)
+    assert [batch for _, batch in process.batches] == [["first"], [f"s{i}" for i in range(8)], ["t"]]
