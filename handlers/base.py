@@ -88,7 +88,7 @@ class PredictiveHandler(ABC):
         """Whether two threads may run forward passes at once (the batcher's express lane).
 
         True for a local model on CPU: a transformers encoder in inference mode reads its weights and writes
-        only its own activations, so concurrent passes give the same results (tests/test_batcher_runtime.py
+        only its own activations, so concurrent passes give the same results (tests/test_encoder_passes.py
         checks it), and on CPU a short pass beside a long one gets cores the long one would make it wait for.
         A GPU runs the passes one after another anyway, and a remote predictor schedules its own.
         """
