@@ -1,17 +1,35 @@
-"""Batches concurrent requests into model calls: a tokenizer stage, then a FIFO forward stage, each on its threads.
+"""Batches concurrent requests into model calls: a tokenizer stage, then FIFO forward passes, each on its threads.
 
-Requests are awaited on the event loop; the model runs only on the forward thread, so the loop keeps
+Requests are awaited on the event loop; the model runs only on the forward threads, so the loop keeps
 answering (health checks, new requests) while a forward pass runs. The pipeline:
 
     submit --> tokenizer lane ("small" or "large") --> ready queue (FIFO) --> forward thread --> result
+                                                                      +--> express thread --> result
 
-- Preparing work (tokenizing) never happens on the forward thread, so the model is never idle behind a
+- Preparing work (tokenizing) never happens on a forward thread, so the model is never idle behind a
   tokenizer, and a request with long texts is prepared on its own lane: small requests arriving beside it
   are tokenized on the other lane meanwhile (tokenizers release the GIL).
 - The forward thread takes ready items strictly in the order they became ready. A batch grows while it
   fits both `max_batch_size` rows and the `max_batch_tokens` budget (padded length x rows); an item that
   does not fit stays at the head of the queue and starts the next batch, so nothing is overtaken forever.
+- The express lane (on when `express_cost` is given): items costing at most `express_cost` (rows x padded
+  length) are *small*, and the forward thread batches them only with small items, so none rides in a long
+  pass. While it runs a *large* batch (of items that are not small, costing over `express_after_cost`), a
+  second thread takes small ready items and runs them beside it. A pass over a few 512-token rows takes
+  tens of times a short sentence's, and strict FIFO on one thread would make every small request arriving
+  behind it wait for all of it; on the express lane it shares the CPU with that pass instead. Beside a
+  batch of small items the lane stays shut: that batch is short, and splitting a stream of small requests
+  into two lanes would only shrink batches and oversubscribe the cores (c=32 throughput fell by half).
 - A caller that left (its future cancelled) is skipped at every stage: before preparing and before running.
+
+Why arrival order still holds. The forward thread's batches are FIFO as above. The express lane takes small
+items in ready order too (skipping the items it may not take), so small items among themselves keep their
+order. An item it skips (a large one) waits only for the forward thread, which is busy with the large batch
+anyway: the express lane opens only while a large batch runs, never delays the forward thread's next pick,
+and its batches are themselves never large (their cost stays within `express_after_cost`). So a waiting
+large item starts as soon as it would have without the express lane; what it gives up is a share of the
+CPU while both lanes run. Two forward passes at once need a model that mutates nothing in its forward
+(true of transformers' encoders in inference mode); the caller decides by turning the lane on.
 """
 
 from __future__ import annotations
@@ -59,6 +77,8 @@ class MicroBatcher(Generic[Work, Result]):
     that fails that request alone; `cost(prepared)` gives its (rows, padded length); `is_large(work)` routes
     it to the large lane. `process` gets a list of prepared work and returns one result per item, in order; a
     result that is a ServingError fails only its own request. An exception from `process` fails the batch.
+    With `express_cost`, `process` is called from two threads at once (see the module's docstring);
+    `thread_setup(express)` runs first on each forward thread, the express thread's before the other's.
     """
 
     def __init__(
@@ -73,6 +93,9 @@ class MicroBatcher(Generic[Work, Result]):
         cost: Callable[[Any], tuple[int, int]] | None = None,
         is_large: Callable[[Work], bool] | None = None,
         streams_results: bool = False,
+        express_cost: int | None = None,
+        express_after_cost: int | None = None,
+        thread_setup: Callable[[bool], None] | None = None,
         name: str = "batcher",
     ) -> None:
         self._process = process
@@ -90,13 +113,40 @@ class MicroBatcher(Generic[Work, Result]):
         self._ready: collections.deque[_Pending[Work, Result]] = collections.deque()
         self._ready_changed = threading.Condition()
         self._closing = False
+        self.express_cost = express_cost
+        # A batch costlier than this opens the express lane; by default four of the largest express items.
+        self.express_after_cost = express_after_cost if express_after_cost is not None else 4 * (express_cost or 0)
+        if express_cost is not None and not 0 < express_cost <= self.express_after_cost:
+            raise ValueError(f"express_cost={express_cost} must be positive and at most express_after_cost")
+        self._large_running = False  # the forward thread runs a batch above express_after_cost
+        self._thread_setup = thread_setup
         self._threads = [
             threading.Thread(target=self._tokenize_loop, args=(lane,), name=f"{name}-prepare-{lane}", daemon=True)
             for lane in (SMALL_LANE, LARGE_LANE)
         ]
-        self._threads.append(threading.Thread(target=self._forward_loop, name=f"{name}-forward", daemon=True))
         for thread in self._threads:
             thread.start()
+        # Each forward thread's setup must be done before the next starts: the express thread's first, so
+        # the forward thread's (e.g. torch's process-wide default thread count) is the one that stays.
+        if express_cost is not None:
+            self._start_forward(self._express_loop, f"{name}-express")
+        self._start_forward(self._forward_loop, f"{name}-forward")
+
+    def _start_forward(self, loop: Callable[[threading.Event], None], name: str) -> None:
+        set_up = threading.Event()
+        thread = threading.Thread(target=loop, args=(set_up,), name=name, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+        set_up.wait()
+
+    def _set_up(self, express: bool, set_up: threading.Event) -> None:
+        try:
+            if self._thread_setup is not None:
+                self._thread_setup(express)
+        except Exception:  # a failed setup (thread count) leaves the defaults; serving goes on
+            logger.exception("setting up a forward thread failed")
+        finally:
+            set_up.set()
 
     async def submit(self, work: Work, size: int = 1) -> Result:
         """Queue `work` (counting `size` toward the queue limit) and wait for its result."""
@@ -153,9 +203,9 @@ class MicroBatcher(Generic[Work, Result]):
                 item.rows, item.length = self._cost(prepared)
             with self._ready_changed:
                 self._ready.append(item)
-                self._ready_changed.notify()
+                self._ready_changed.notify_all()  # both forward threads may be waiting for it
 
-    # --- stage 2: forward passes, FIFO ---
+    # --- stage 2: forward passes, FIFO, with an express lane beside long ones ---
 
     def _fits(self, rows: int, length: int, item: _Pending[Work, Result]) -> bool:
         rows, length = rows + item.rows, max(length, item.length)
@@ -163,8 +213,11 @@ class MicroBatcher(Generic[Work, Result]):
             return False
         return self.max_batch_tokens is None or rows * length <= self.max_batch_tokens
 
-    def _collect(self) -> list[_Pending[Work, Result]] | None:
-        """The next batch, in ready order; None once closing. Waits up to max_wait_s to fill it."""
+    def _collect(self) -> tuple[list[_Pending[Work, Result]], int] | None:
+        """The next batch in ready order and its cost (rows x padded length); None once closing.
+
+        Waits up to max_wait_s to fill it. Called with the condition's lock free; returns with it free.
+        """
         with self._ready_changed:
             while not self._ready:
                 if self._closing:
@@ -172,6 +225,9 @@ class MicroBatcher(Generic[Work, Result]):
                 self._ready_changed.wait()
             first = self._ready.popleft()
             batch, rows, length = [first], first.rows, first.length
+            # With the express lane, small items are never batched with others: a small row in a long row's
+            # batch may share its pass (tiny passes are not split off), and would wait for all of it.
+            small_batch = self._is_small(first)
             deadline = time.perf_counter() + self.max_wait_s
             while rows < self.max_batch_size:
                 if not self._ready:
@@ -185,21 +241,81 @@ class MicroBatcher(Generic[Work, Result]):
                     self._ready.popleft()
                     batch.append(head)  # dropped below with the other gone callers
                     continue
-                if not self._fits(rows, length, head):
+                if not self._fits(rows, length, head) or self._is_small(head) != small_batch:
                     break  # it stays at the head and starts the next batch: arrival order is kept
                 batch.append(self._ready.popleft())
                 rows, length = rows + head.rows, max(length, head.length)
+            cost = rows * length
+            # A batch of small items is short however full (its rows are short): the lane stays shut beside it,
+            # so a stream of small requests is batched exactly as without the lane.
+            if self.express_cost is not None and not small_batch and cost > self.express_after_cost:
+                self._large_running = True  # cleared by _forward_loop once the batch is done
+                self._ready_changed.notify_all()
+            return batch, cost
+
+    def _forward_loop(self, set_up: threading.Event) -> None:
+        self._set_up(False, set_up)
+        while True:
+            collected = self._collect()
+            if collected is None:
+                return
+            try:
+                self._run_live(collected[0])
+            finally:
+                with self._ready_changed:
+                    self._large_running = False
+
+    def _is_small(self, item: _Pending[Work, Result]) -> bool:
+        return self.express_cost is not None and item.rows * item.length <= self.express_cost
+
+    def _collect_express(self) -> list[_Pending[Work, Result]] | None:
+        """Small ready items, in ready order, to run beside the forward thread's large batch; None once closing.
+
+        Items it may not take stay where they are. Gone callers met on the way are taken (and dropped).
+        """
+        with self._ready_changed:
+            while True:
+                if self._closing:
+                    return None
+                if self._large_running and any(map(self._is_small, self._ready)):
+                    break
+                self._ready_changed.wait()
+            batch: list[_Pending[Work, Result]] = []
+            rows, length = 0, 1
+            kept: collections.deque[_Pending[Work, Result]] = collections.deque()
+            while self._ready:
+                item = self._ready.popleft()
+                if item.future.cancelled():
+                    batch.append(item)  # dropped with the other gone callers
+                    continue
+                if not self._is_small(item):
+                    kept.append(item)  # the forward thread's, in its place
+                    continue
+                new_rows, new_length = rows + item.rows, max(length, item.length)
+                # Its batches stay within express_after_cost: the express lane never runs a large batch.
+                fits = new_rows <= self.max_batch_size and new_rows * new_length <= self.express_after_cost
+                if rows and not fits:
+                    kept.append(item)  # it and the small items after it wait for the next batch, in order
+                    break
+                batch.append(item)
+                rows, length = new_rows, new_length
+            kept.extend(self._ready)
+            self._ready = kept
             return batch
 
-    def _forward_loop(self) -> None:
+    def _express_loop(self, set_up: threading.Event) -> None:
+        self._set_up(True, set_up)
         while True:
-            batch = self._collect()
+            batch = self._collect_express()
             if batch is None:
                 return
-            self._release(batch)
-            live = [item for item in batch if not item.future.cancelled()]
-            if live:
-                self._run_batch(live)
+            self._run_live(batch)
+
+    def _run_live(self, batch: list[_Pending[Work, Result]]) -> None:
+        self._release(batch)
+        live = [item for item in batch if not item.future.cancelled()]
+        if live:
+            self._run_batch(live)
 
     def _run_batch(self, batch: list[_Pending[Work, Result]]) -> None:
         works = [item.prepared if item.prepared is not None else item.work for item in batch]

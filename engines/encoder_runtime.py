@@ -27,7 +27,7 @@ from handlers.requests import (
     TextInput,
 )
 from settings.arguments import ServerArguments
-from settings.loading import ModelSource, inspect_model
+from settings.loading import ModelSource, forward_thread_setup, inspect_model
 from settings.tasks import Task
 
 logger = logging.getLogger(__name__)
@@ -78,8 +78,15 @@ class PredictiveRuntime:
             texts, options = work
             return self.handler.encode(texts, options, tokenizers[lane])
 
+        # The express lane: a small request (a few short sentences) runs beside a batch costing over half a
+        # full-length row, instead of waiting for all of it (see engines/batcher.py).
+        express_after = max(1, self.source.max_model_len // 2)
+        express = self.handler.concurrent_forward
         self._batcher = MicroBatcher(
             self.handler.run,
+            express_cost=max(1, express_after // 4) if express else None,
+            express_after_cost=express_after,
+            thread_setup=forward_thread_setup(),
             prepare=prepare,
             cost=lambda encoded: encoded.cost,
             is_large=lambda work: sum(map(input_size, work[0])) > large_chars,

@@ -5,6 +5,7 @@ A handler knows nothing of HTTP: it takes texts and options and returns plain Py
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -60,7 +61,7 @@ class PredictiveHandler(ABC):
         self.max_length = source.max_model_len  # tokens kept of each input (subclasses may lower it)
         self.model: PreTrainedModel | None = None
         self.remote: remote_predictor.RemotePredictor | None = None  # with predictor_host: the forward pass runs there
-        # transformers models are not safe to call from two threads at once.
+        # Forward passes are serialised unless `concurrent_forward` (a local CPU model, see there).
         self._lock = threading.Lock()
         self._cutters: dict[int, TextCutter] = {}
 
@@ -82,6 +83,20 @@ class PredictiveHandler(ABC):
         model.eval()
         self.check_model(model)
         self.model = model
+
+    @property
+    def concurrent_forward(self) -> bool:
+        """Whether two threads may run forward passes at once (the batcher's express lane).
+
+        True for a local model on CPU: a transformers encoder in inference mode reads its weights and writes
+        only its own activations, so concurrent passes give the same results (tests/test_encoder_passes.py
+        checks it), and on CPU a short pass beside a long one gets cores the long one would make it wait for.
+        A GPU runs the passes one after another anyway, and a remote predictor schedules its own.
+        """
+        return self.model is not None and self.remote is None and self.source.device.type == "cpu"
+
+    def _forward_guard(self) -> Any:
+        return contextlib.nullcontext() if self.concurrent_forward else self._lock
 
     def check_model(self, model: PreTrainedModel) -> None:  # noqa: B027 - optional hook
         """Refuse a model that cannot serve this task; subclasses add their own checks."""
@@ -176,7 +191,7 @@ class PredictiveHandler(ABC):
         remaining = [len(encoded.texts) for encoded in requests]
         row_outputs: list[torch.Tensor | None] = [None] * len(order)
         results: list[TaskResult | ServingError | None] = [None] * len(requests)
-        with self._lock, torch.inference_mode():
+        with self._forward_guard(), torch.inference_mode():
             for indices in plan_passes(lengths, self.args.max_batch_tokens):
                 length = max(lengths[i] for i in indices)
                 tensors = pad_rows(requests, [order[i] for i in indices], length, self.tokenizer)
@@ -227,13 +242,13 @@ class PredictiveHandler(ABC):
 
     def hidden_states(self, texts: list[str]) -> list[list[list[float]]]:
         """Each input's per-token model output without padding (TEI's /embed_all on encoders); one pass,
-        outside the batcher but under the model's lock."""
+        outside the batcher (serialised with its passes unless concurrent_forward)."""
         encoded = self.encode(texts, PredictOptions())
         lengths = encoded.lengths
         tensors = pad_rows([encoded], [(0, i) for i in range(len(lengths))], max(lengths, default=1), self.tokenizer)
         names = set(self.tokenizer.model_input_names)  # not the features a task adds for itself (prompt_mask)
         model_inputs = {k: v.to(self.source.device) for k, v in tensors.items() if k in names}
-        with self._lock, torch.inference_mode():
+        with self._forward_guard(), torch.inference_mode():
             outputs = self.model_output(model_inputs).float().cpu()
         return [outputs[row, :length].tolist() for row, length in enumerate(lengths)]
 

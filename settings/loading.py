@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,23 @@ def apply_torch_threads(args: ServerArguments) -> None:
     """Per-process: small models on few cores run faster on one thread than on a contended pool."""
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
+
+
+def forward_thread_setup() -> Callable[[bool], None]:
+    """Sets torch's intra-op threads on each batcher forward thread: the express lane's on one thread.
+
+    With OpenMP, torch.set_num_threads sets the calling thread's own pool size, but it also becomes the
+    default of threads that have not run torch yet; the batcher calls the express thread's setup first so
+    the forward thread's (the count in force now) is the default that stays. The express lane runs short
+    passes that gain little from a second thread, and beside a long pass that already takes the cores,
+    one thread adds the least oversubscription (3 threads on 2 cores instead of 4).
+    """
+    threads = torch.get_num_threads()
+
+    def setup(express: bool) -> None:
+        torch.set_num_threads(1 if express else threads)
+
+    return setup
 
 
 def apply_log_config(path: str) -> None:

@@ -69,7 +69,7 @@ def test_a_full_queue_is_overloaded_and_a_gone_caller_is_skipped():
 # --- the pipeline: tokenizer lanes before a FIFO forward stage ---
 
 
-def _pipeline(process, prepare, *, max_batch_size=8, max_batch_tokens=None, max_queue_size=100):
+def _pipeline(process, prepare, *, max_batch_size=8, max_batch_tokens=None, max_queue_size=100, **express):
     """A batcher whose work is (name, rows, length); works named 'big*' go to the large lane."""
     return MicroBatcher(
         process,
@@ -80,6 +80,7 @@ def _pipeline(process, prepare, *, max_batch_size=8, max_batch_tokens=None, max_
         max_batch_tokens=max_batch_tokens,
         max_wait_s=0,
         max_queue_size=max_queue_size,
+        **express,
     )
 
 
@@ -170,3 +171,194 @@ def test_a_caller_gone_before_tokenizing_is_never_tokenized():
     assert asyncio.run(run()) == "hold"
     batcher.close()
     assert prepared == ["hold"]
+
+
+# --- the express lane: small items run beside a large batch ---
+
+
+class _HeldLarge:
+    """A process function that holds every batch with a 'big*' item until released, recording each batch."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[str, list[str]]] = []  # (thread name, item names), in the order they ran
+        self.big_running = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, works):
+        names = [w[0] for w in works]
+        self.batches.append((threading.current_thread().name, names))
+        if any(name.startswith("big") for name in names):
+            self.big_running.set()
+            assert self.release.wait(5), "the test never released the large batch"
+        return names
+
+
+def _express_pipeline(process, **options):
+    # Small: at most 32 padded tokens; the express lane opens beside a batch over 128.
+    return _pipeline(process, lambda work, lane: work, express_cost=32, express_after_cost=128, **options)
+
+
+async def _wait_for(event: threading.Event) -> None:
+    while not event.is_set():
+        await asyncio.sleep(0.01)
+
+
+def test_small_requests_run_beside_a_large_batch_in_arrival_order():
+    """While a large batch is held mid-pass, small requests behind it are answered, FIFO among themselves."""
+    process = _HeldLarge()
+    threads: list[str] = []
+    batcher = _express_pipeline(process, thread_setup=lambda express: threads.append("express" if express else "fwd"))
+
+    async def run() -> tuple[list[str], bool, str]:
+        big = asyncio.ensure_future(batcher.submit(("big", 32, 512), size=32))
+        await _wait_for(process.big_running)
+        small = []
+        for i in range(4):  # one by one, so the ready order is this order
+            small.append(asyncio.ensure_future(batcher.submit((f"s{i}", 1, 8))))
+            await asyncio.sleep(0.01)
+        answered = await asyncio.gather(*small)
+        big_still_running = not big.done()
+        process.release.set()
+        return answered, big_still_running, await big
+
+    small, big_was_running, big = asyncio.run(run())
+    batcher.close()
+    assert small == ["s0", "s1", "s2", "s3"] and big_was_running and big == "big"
+    assert threads == ["express", "fwd"]  # the forward thread's setup runs last (torch's default stays)
+    express = [name for thread, batch in process.batches if thread.endswith("-express") for name in batch]
+    assert express == ["s0", "s1", "s2", "s3"]
+
+
+def test_the_express_lane_leaves_large_items_to_the_forward_thread_and_stays_shut_beside_small_batches():
+    process = _HeldLarge()
+    gate = threading.Event()
+
+    def held_small(works):
+        if works[0][0] == "first":
+            gate.wait(5)  # a small batch: the express lane must not open beside it
+        return process(works)
+
+    batcher = _express_pipeline(held_small)
+
+    async def run() -> list[str]:
+        first = asyncio.ensure_future(batcher.submit(("first", 1, 8)))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.ensure_future(batcher.submit(("a", 1, 8)))
+        await asyncio.sleep(0.1)
+        assert not waiting.done()  # behind a small batch: FIFO on the forward thread
+        gate.set()
+        assert await first == "first" and await waiting == "a"
+        big = asyncio.ensure_future(batcher.submit(("big", 2, 128), size=2))
+        await _wait_for(process.big_running)
+        rest = []
+        # A second large item and a wide one (over express_cost) queue behind it with small ones.
+        for name, length in [("big2", 128), ("b", 8), ("wide", 64), ("c", 8)]:
+            rest.append(asyncio.ensure_future(batcher.submit((name, 1, length))))
+            await asyncio.sleep(0.01)
+        small = await asyncio.gather(rest[1], rest[3])
+        big2_waiting, wide_waiting = not rest[0].done(), not rest[2].done()
+        process.release.set()
+        return [*small, big2_waiting, wide_waiting, await big, await rest[0], await rest[2]]
+
+    assert asyncio.run(run()) == ["b", "c", True, True, "big", "big2", "wide"]
+    batcher.close()
+    forward = [batch for thread, batch in process.batches if thread.endswith("-forward")]
+    express = [batch for thread, batch in process.batches if thread.endswith("-express")]
+    assert forward[:3] == [["first"], ["a"], ["big"]]
+    assert [name for batch in forward[3:] for name in batch] == ["big2", "wide"]  # in ready order, not overtaken
+    assert [name for batch in express for name in batch] == ["b", "c"]
+
+
+def test_the_express_lane_skips_a_gone_caller_and_reports_a_failure_to_its_own_batch():
+    process = _HeldLarge()
+
+    def failing(works):
+        if works[0][0] == "boom":
+            raise RuntimeError("broken input")
+        return process(works)
+
+    batcher = _express_pipeline(failing)
+
+    async def run() -> None:
+        big = asyncio.ensure_future(batcher.submit(("big", 32, 512), size=32))
+        await _wait_for(process.big_running)
+        gone = asyncio.ensure_future(batcher.submit(("gone", 1, 8)))
+        gone.cancel()
+        with pytest.raises(ServingError, match="broken input"):
+            await batcher.submit(("boom", 1, 8))
+        assert await batcher.submit(("after", 1, 8)) == "after"
+        process.release.set()
+        assert await big == "big"
+
+    asyncio.run(run())
+    batcher.close()
+    ran = [name for _, batch in process.batches for name in batch]
+    assert "gone" not in ran and "after" in ran
+    assert batcher._queued_size == 0  # every item's size was given back
+
+
+def test_with_the_express_lane_small_items_never_share_a_large_items_batch():
+    """Small items queued around a large one are batched apart from it (in order), so none waits in its pass."""
+    process = _HeldLarge()
+    gate = threading.Event()
+
+    def held_first(works):
+        if works[0][0] == "first":
+            gate.wait(5)  # so the next items are all ready when the forward thread collects them
+        return process(works)
+
+    batcher = _express_pipeline(held_first, max_batch_tokens=1024)
+
+    async def run() -> list[str]:
+        first = asyncio.ensure_future(batcher.submit(("first", 1, 8)))
+        await asyncio.sleep(0.05)
+        queued = []
+        for name, rows, length in [("a", 1, 8), ("big", 2, 128), ("b", 1, 8)]:  # all fit one budget
+            queued.append(asyncio.ensure_future(batcher.submit((name, rows, length), size=rows)))
+            await asyncio.sleep(0.01)
+        gate.set()
+        await _wait_for(process.big_running)
+        answered = [await first, await queued[0], await queued[2]]  # while the large batch is held
+        process.release.set()
+        return [*answered, await queued[1]]
+
+    assert asyncio.run(run()) == ["first", "a", "b", "big"]
+    batcher.close()
+    assert [batch for _, batch in process.batches] == [["first"], ["a"], ["big"], ["b"]]
+    assert process.batches[-1][0].endswith("-express")
+
+
+def test_the_express_lane_stays_shut_beside_a_full_batch_of_small_items():
+    """A batch of small items over express_after_cost is still short: the next small item waits its turn."""
+    process = _HeldLarge()
+    hold_first, hold_full = threading.Event(), threading.Event()
+    full_running = threading.Event()
+
+    def held(works):
+        names = [w[0] for w in works]
+        if names == ["first"]:
+            hold_first.wait(5)
+        if "s0" in names:
+            full_running.set()
+            hold_full.wait(5)
+        return process(works)
+
+    batcher = _express_pipeline(held)  # max_batch_size 8: 8 small rows x 32 = 256 > express_after_cost 128
+
+    async def run() -> list[str]:
+        first = asyncio.ensure_future(batcher.submit(("first", 1, 8)))
+        await asyncio.sleep(0.05)
+        full = [asyncio.ensure_future(batcher.submit((f"s{i}", 1, 32))) for i in range(8)]
+        await asyncio.sleep(0.05)
+        hold_first.set()
+        await _wait_for(full_running)
+        after = asyncio.ensure_future(batcher.submit(("t", 1, 8)))
+        await asyncio.sleep(0.1)
+        assert not after.done()  # no express lane beside small items
+        hold_full.set()
+        return [await first, *(await asyncio.gather(*full)), await after]
+
+    assert asyncio.run(run()) == ["first", *(f"s{i}" for i in range(8)), "t"]
+    batcher.close()
+    assert all(thread.endswith("-forward") for thread, _ in process.batches)
+    assert [batch for _, batch in process.batches] == [["first"], [f"s{i}" for i in range(8)], ["t"]]

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
+import pytest
+
 from handlers.requests import PredictOptions
-from tests.test_handlers import make_handler, predict
+from tests.test_handlers import assert_close, make_handler, predict
 
 
 def test_short_requests_are_answered_before_a_long_ones_pass(tiny_models, monkeypatch):
@@ -34,3 +38,37 @@ def test_passes_split_by_budget_and_by_length_and_keep_tiny_ones_together():
     assert plan_passes([5, 60], 16384) == [[0, 1]]  # a 5-token pass is too small to split off
     assert plan_passes([100] * 10, 300) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]  # rows x length <= budget
     assert plan_passes([30, 10, 20], 16384) == [[1, 2, 0]]  # shortest first; 3x the shortest, but 10 tokens is tiny
+
+
+@pytest.mark.parametrize(
+    "kind", ["sequence_classification", "token_classification", "fill_mask", "sentence_transformers"]
+)
+def test_two_threads_forwarding_at_once_get_the_results_of_one(tiny_models, kind):
+    """The batcher's express lane runs a short pass beside a long one on a CPU model: results must not mix."""
+    handler = make_handler(tiny_models[kind])
+    assert handler.concurrent_forward  # a local CPU model: the express lane is on
+    mask = handler.tokenizer.mask_token or ""
+    short = [f"hello {mask} world", f"the weather in {mask} is fine"]
+    long = [f"paris {mask} " + "and a long sentence about many things " * 12] * 16
+    want_short, want_long = predict(handler, short), predict(handler, long)
+    got: dict[str, list[object]] = {"short": [], "long": []}
+
+    def repeat(name: str, texts: list[str], times: int) -> None:
+        for _ in range(times):
+            got[name].append(predict(handler, texts).outputs["output-0"])
+
+    threads = [
+        threading.Thread(target=repeat, args=("long", long, 4)),
+        threading.Thread(target=repeat, args=("short", short, 40)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(got["short"]) == 40 and len(got["long"]) == 4
+    for name, want in (("short", want_short), ("long", want_long)):
+        for outputs in got[name]:
+            if kind == "fill_mask":  # the predicted words
+                assert outputs == want.outputs["output-0"]
+            else:
+                assert_close(outputs, want.outputs["output-0"], atol=1e-5)
