@@ -22,6 +22,7 @@ dependencies the venv already has (newer copies would shadow its numpy and proto
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -184,11 +185,17 @@ def main() -> None:
     except ImportError:
         print(f"onnxruntime is not importable, nothing measured. Install it outside the venv: {INSTALL}")
         sys.exit(0)
-    print(f"onnxruntime {ort.__version__}, torch {torch.__version__}; threads: {torch.get_num_threads()}")
+    # The load average goes with the figures: on a shared 2-core machine torch's OpenMP threads suffer
+    # far more from other processes than onnxruntime's pool, which inflates the ratio.
+    load = os.getloadavg()[0]
+    print(
+        f"onnxruntime {ort.__version__}, torch {torch.__version__}; threads: {torch.get_num_threads()}; load {load:.1f}"
+    )
 
     figures: dict[str, Any] = {
         "onnxruntime": ort.__version__,
         "threads": torch.get_num_threads(),
+        "load_average_at_start": load,
         "seconds": options.seconds,
         "reps": options.reps,
     }
