@@ -139,7 +139,7 @@ class HuggingFaceService(TypedApis):  # routes are mounted per instance in __ini
         else:
             if ARGS.backend == "vllm":
                 self.vllm_pooling = VLLMPoolingEngine(SOURCE, ARGS)  # started in the event loop below
-            self.runtime = PredictiveRuntime(ARGS, SOURCE)
+            self.runtime = PredictiveRuntime(ARGS, SOURCE, requests_in_flight=lambda: LIFECYCLE.in_flight)
             self.runtime.start_loading()
         self.grpc_server: Any = None
         self.server_name, self.server_version = SERVER_NAME, SERVER_VERSION

@@ -20,6 +20,15 @@ answering (health checks, new requests) while a forward pass runs. The pipeline:
   behind it wait for all of it; on the express lane it shares the CPU with that pass instead. Beside a
   batch of small items the lane stays shut: that batch is short, and splitting a stream of small requests
   into two lanes would only shrink batches and oversubscribe the cores (c=32 throughput fell by half).
+- Filling batches with requests already received (on when `arriving` is given: the server's requests in
+  flight). Under load, the clients a batch answers come back while the next batch is collected, but their
+  requests are still being read and parsed on the event loop: taking only what is ready then alternates
+  full batches with tiny ones (a 1-row pass costs a third of a 32-row one here), and the requests in the
+  tiny ones wait for both. So once the ready queue is empty, the forward thread waits while the server
+  holds requests that are not in the batcher yet (in flight minus inside), for at most half the last pass
+  and 50 ms. Measured on all-MiniLM-L6-v2, one sentence per request: at c=32 the p99 fell from 2-7x the
+  p50 to ~1.5x at equal or better throughput, at c=8 throughput rose ~20%; at c=1 nothing is on the way,
+  so nothing waits.
 - A caller that left (its future cancelled) is skipped at every stage: before preparing and before running.
 
 Why arrival order still holds. The forward thread's batches are FIFO as above. The express lane takes small
@@ -52,6 +61,11 @@ Work = TypeVar("Work")
 Result = TypeVar("Result")
 
 SMALL_LANE, LARGE_LANE = 0, 1
+# Filling a batch with requests on their way (see _collect): wait at most this fraction of the last pass,
+# and never more than FILL_WAIT_MAX_S, checking every FILL_POLL_S.
+FILL_WAIT_FRACTION = 0.5
+FILL_WAIT_MAX_S = 0.05
+FILL_POLL_S = 0.001
 
 
 @dataclass
@@ -96,6 +110,7 @@ class MicroBatcher(Generic[Work, Result]):
         express_cost: int | None = None,
         express_after_cost: int | None = None,
         thread_setup: Callable[[bool], None] | None = None,
+        arriving: Callable[[], int] | None = None,
         name: str = "batcher",
     ) -> None:
         self._process = process
@@ -119,6 +134,11 @@ class MicroBatcher(Generic[Work, Result]):
         if express_cost is not None and not 0 < express_cost <= self.express_after_cost:
             raise ValueError(f"express_cost={express_cost} must be positive and at most express_after_cost")
         self._large_running = False  # the forward thread runs a batch above express_after_cost
+        # Filling batches with requests already received: `arriving()` counts the server's requests in flight;
+        # those not inside the batcher are being read, parsed or answered on the event loop (see _collect).
+        self._arriving = arriving
+        self._inside = 0  # requests submitted whose submit() has not returned
+        self._last_pass_s = 0.0
         self._thread_setup = thread_setup
         self._threads = [
             threading.Thread(target=self._tokenize_loop, args=(lane,), name=f"{name}-prepare-{lane}", daemon=True)
@@ -160,9 +180,13 @@ class MicroBatcher(Generic[Work, Result]):
         loop = asyncio.get_running_loop()
         pending: _Pending[Work, Result] = _Pending(work, size, loop.create_future(), loop)
         lane = LARGE_LANE if self._is_large is not None and self._is_large(work) else SMALL_LANE
+        self._inside += 1  # only ever changed on the event loop's thread
         self._lanes[lane].put(pending)
-        # If the caller is cancelled (client gone), the future is cancelled and every stage skips it.
-        return await pending.future
+        try:
+            # If the caller is cancelled (client gone), the future is cancelled and every stage skips it.
+            return await pending.future
+        finally:
+            self._inside -= 1
 
     def close(self) -> None:
         for lane in self._lanes:
@@ -228,13 +252,20 @@ class MicroBatcher(Generic[Work, Result]):
             # With the express lane, small items are never batched with others: a small row in a long row's
             # batch may share its pass (tiny passes are not split off), and would wait for all of it.
             small_batch = self._is_small(first)
-            deadline = time.perf_counter() + self.max_wait_s
+            now = time.perf_counter()
+            deadline = now + self.max_wait_s
+            fill_deadline = now + min(FILL_WAIT_MAX_S, FILL_WAIT_FRACTION * self._last_pass_s)
             while rows < self.max_batch_size:
                 if not self._ready:
-                    remaining = deadline - time.perf_counter()
-                    if remaining <= 0 or self._closing:
+                    now = time.perf_counter()
+                    if self._closing:
                         break
-                    self._ready_changed.wait(remaining)
+                    if now < deadline:
+                        self._ready_changed.wait(deadline - now)
+                    elif now < fill_deadline and self._requests_on_the_way() > 0:
+                        self._ready_changed.wait(min(FILL_POLL_S, fill_deadline - now))
+                    else:
+                        break
                     continue
                 head = self._ready[0]
                 if head.future.cancelled():
@@ -259,11 +290,20 @@ class MicroBatcher(Generic[Work, Result]):
             collected = self._collect()
             if collected is None:
                 return
+            started = time.perf_counter()
             try:
                 self._run_live(collected[0])
             finally:
+                self._last_pass_s = time.perf_counter() - started
                 with self._ready_changed:
                     self._large_running = False
+
+    def _requests_on_the_way(self) -> int:
+        """Requests the server holds that are not in the batcher: being read or parsed (bound for it, under
+        load), or being answered (their clients will be back soon in a closed loop)."""
+        if self._arriving is None:
+            return 0
+        return self._arriving() - self._inside
 
     def _is_small(self, item: _Pending[Work, Result]) -> bool:
         return self.express_cost is not None and item.rows * item.length <= self.express_cost

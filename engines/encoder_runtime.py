@@ -11,6 +11,7 @@ import copy
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from engines.batcher import MicroBatcher
 from engines.memory import freeze_startup_objects
@@ -45,8 +46,16 @@ def input_size(item: TextInput | tuple[str, str]) -> int:
 
 
 class PredictiveRuntime:
-    def __init__(self, args: ServerArguments, source: ModelSource | None = None) -> None:
+    def __init__(
+        self,
+        args: ServerArguments,
+        source: ModelSource | None = None,
+        requests_in_flight: Callable[[], int] | None = None,
+    ) -> None:
+        """`requests_in_flight`: the server's requests being answered, so the batcher can fill a batch with
+        those already received (engines/batcher.py); without it batches take what is queued."""
         self.args = args
+        self.requests_in_flight = requests_in_flight
         self.source = source or inspect_model(args)
         self.handler: PredictiveHandler = handler_class_for(self.source.task)(self.source, args)
         self.load_error: str | None = None
@@ -95,6 +104,7 @@ class PredictiveRuntime:
             max_batch_size=self.args.max_batch_size,
             max_wait_s=self.args.max_wait_ms / 1000,
             max_queue_size=self.args.max_queue_size,
+            arriving=self.requests_in_flight,
             name=f"batcher-{self.args.model_name}",
         )
         freeze_startup_objects()

@@ -362,3 +362,37 @@ def test_the_express_lane_stays_shut_beside_a_full_batch_of_small_items():
     batcher.close()
     assert all(thread.endswith("-forward") for thread, _ in process.batches)
     assert [batch for _, batch in process.batches] == [["first"], [f"s{i}" for i in range(8)], ["t"]]
+
+
+def test_requests_on_their_way_fill_the_batch_and_the_wait_is_bounded(monkeypatch):
+    """With `arriving` counting requests the server holds, an empty queue waits for those not submitted yet
+    (instead of running a one-item pass), and never longer than the fill bound."""
+    import engines.batcher as batcher_module
+
+    monkeypatch.setattr(batcher_module, "FILL_WAIT_MAX_S", 5.0)  # wide margins: structure, not timing
+    seen: list[list[int]] = []
+    in_flight = {"count": 0}
+
+    def process(works: list[int]) -> list[int]:
+        seen.append(works)
+        if works == [0]:
+            threading.Event().wait(1.0)  # the last pass's length bounds the next fill: half of it
+        return works
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        process, max_batch_size=8, max_wait_s=0, max_queue_size=100, arriving=lambda: in_flight["count"]
+    )
+
+    async def run() -> None:
+        await batcher.submit(0)  # a 1 s pass: the next fill may wait up to 0.5 s
+        in_flight["count"] = 4  # four requests received; one is submitted now, three are still being parsed
+        first = asyncio.ensure_future(batcher.submit(1))
+        await asyncio.sleep(0.05)
+        rest = [asyncio.ensure_future(batcher.submit(w)) for w in (2, 3, 4)]
+        await asyncio.gather(first, *rest)
+        in_flight["count"] = 9  # requests that never come: the wait ends at its bound, the item is answered
+        assert await asyncio.wait_for(batcher.submit(5), 10) == 5
+
+    asyncio.run(run())
+    batcher.close()
+    assert seen == [[0], [1, 2, 3, 4], [5]]
