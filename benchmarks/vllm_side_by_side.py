@@ -31,6 +31,7 @@ from typing import Any
 
 import aiohttp
 
+from benchmarks.charts import chart_path, concurrency_chart
 from benchmarks.report import print_table, write_results
 
 PROMPTS = [
@@ -211,10 +212,35 @@ async def measure(targets: dict[str, tuple[str, str | None]], levels: list[int],
     return figures
 
 
+OURS_ARGS = {"backend": "vllm", "model_name": "tiny-llama", "disable_log_stats": "true"}
+
+
+def measure_ours_alone(options: argparse.Namespace) -> dict[str, Any]:
+    """Our server on the same model, started, measured and stopped before vLLM's server starts."""
+    from tests.server_process import ServerProcess
+
+    arguments = {**OURS_ARGS, "model_dir": str(options.model), "max_model_len": str(options.max_model_len)}
+    print(f"starting ours: bentoml serve {arguments} ...", flush=True)
+    ours = ServerProcess(arguments, Path("/tmp/vllm-side-by-side-ours.log")).wait_ready(options.start_timeout)
+    try:
+        return asyncio.run(
+            measure({"ours": (f"{ours.url}/openai/v1", "tiny-llama")}, options.concurrency, options.tokens,
+                    options.rounds)
+        )  # fmt: skip
+    finally:
+        ours.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="model folder (default: the tiny Llama of tests/tiny_models.py)")
     parser.add_argument("--ours", help="our server's OpenAI base URL, e.g. http://127.0.0.1:3000/openai/v1")
+    parser.add_argument(
+        "--serve-ours",
+        action="store_true",
+        help="start ours (`bentoml serve`, backend=vllm, same model and max_model_len, engine stats off) and "
+        "measure it alone, then vLLM's server alone, in the same run",
+    )
     parser.add_argument("--ours-model", help="model name on our server (default: the first of GET /models)")
     parser.add_argument("--vllm-url", help="a vLLM server already running (its /v1 base URL) instead of starting one")
     parser.add_argument("--no-vllm", action="store_true", help="measure only --ours")
@@ -225,11 +251,16 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=256)
     parser.add_argument("--start-timeout", type=float, default=600)
     options = parser.parse_args()
-    if options.no_vllm and not options.ours:
-        parser.error("--no-vllm needs --ours")
+    if options.no_vllm and not (options.ours or options.serve_ours):
+        parser.error("--no-vllm needs --ours or --serve-ours")
 
     figures: dict[str, Any] = {"tokens": options.tokens, "concurrency": options.concurrency}
     urls: dict[str, tuple[str, str | None]] = {}
+    measured_alone: dict[str, Any] = {}
+    if options.serve_ours:
+        options.model = options.model or tiny_llama()
+        measured_alone = measure_ours_alone(options)
+        figures["ours_server"] = {"model": str(options.model), "args": OURS_ARGS}
     server = None
     if not options.no_vllm:
         if options.vllm_url:
@@ -248,10 +279,11 @@ def main() -> None:
             asyncio.run(server.wait_ready(options.start_timeout))
             figures["vllm_server"]["start_seconds"] = server.start_seconds
             print(f"vLLM server ready in {server.start_seconds:.1f} s", flush=True)
-        targets = asyncio.run(measure(urls, options.concurrency, options.tokens, options.rounds))
+        targets = asyncio.run(measure(urls, options.concurrency, options.tokens, options.rounds)) if urls else {}
     finally:
         if server is not None:
             server.stop()
+    targets = {**targets, **measured_alone}
     figures["targets"] = targets
 
     header = ["server", "conc.", "requests", "out tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms"]
@@ -282,7 +314,16 @@ def main() -> None:
             rows.append(["ours/vllm", str(concurrency), "", f"{ratio:.2f}x", "", "", "", "", ""])
     print()
     print_table(header, rows)
-    write_results("vllm_side_by_side", figures)
+    json_path = write_results("vllm_side_by_side", figures)
+    levels = {label: target["levels"] for label, target in targets.items()}
+    concurrency_chart(
+        chart_path(json_path),
+        f"Streamed generation, {options.tokens} tokens per request: vLLM's own server and ours",
+        {label: {int(c): r["output_tokens_per_s"] for c, r in by_c.items()} for label, by_c in levels.items()},
+        latency={label: {int(c): r["ttft_p50_ms"] for c, r in by_c.items()} for label, by_c in levels.items()},
+        throughput_label="output tokens/s",
+        latency_label="TTFT p50 (ms)",
+    )
 
 
 if __name__ == "__main__":
