@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import shutil
 import statistics
@@ -49,7 +50,7 @@ def run_wrk(url: str, body: dict[str, Any], concurrency: int, seconds: float) ->
             "wrk",
             "-t1",
             f"-c{concurrency}",
-            f"-d{seconds:g}s",
+            f"-d{math.ceil(seconds)}s",  # wrk takes whole seconds
             "--timeout",
             "60s",
             "--latency",
