@@ -1,0 +1,110 @@
+"""traffic.timeout without a timer left on the event loop per answered request (routes/response_deadline.py).
+
+BentoML's own TimeoutMiddleware leaves one for the whole timeout (600 s here), which `benchmarks.soak` saw as
+the server's memory growing linearly (about 0.7 KB per request). The middleware is driven directly over
+ASGI with a trivial app; the service test checks that service.py makes BentoML build its stack with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from bentoml._internal.server.base_app import BaseAppFactory
+from bentoml._internal.server.http import traffic
+
+from routes.response_deadline import ResponseDeadline
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+ORIGINAL = traffic.TimeoutMiddleware  # read before any import of service.py replaces it
+REQUESTS = 500
+
+
+async def ok_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def call(app: Any) -> list[dict[str, Any]]:
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app({"type": "http", "method": "GET", "path": "/", "headers": []}, receive, send)
+    return sent
+
+
+def pending_timers(after: int) -> int:
+    """Timer handles still armed on the running loop: TimerHandle is tracked by the garbage collector."""
+    return sum(1 for o in gc.get_objects() if isinstance(o, asyncio.TimerHandle) and not o.cancelled()) - after
+
+
+def timers_left_by(middleware_class: type) -> int:
+    async def scenario() -> int:
+        app = middleware_class(ok_app, timeout=600)
+        before = pending_timers(0)
+        for _ in range(REQUESTS):
+            assert (await call(app))[0]["status"] == 200
+        return pending_timers(before)
+
+    return asyncio.run(scenario())
+
+
+def test_no_timer_outlives_its_request():
+    assert timers_left_by(ResponseDeadline) == 0
+
+
+def test_bentoml_timeout_middleware_still_leaves_one_timer_per_request():
+    # When this fails, BentoML cancels its own timer: routes/response_deadline.py can go.
+    assert timers_left_by(ORIGINAL) == REQUESTS
+
+
+def test_504_when_the_response_does_not_start_in_time():
+    cancelled = asyncio.Event()
+
+    async def slow_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def scenario() -> list[dict[str, Any]]:
+        sent = await asyncio.wait_for(call(ResponseDeadline(slow_app, timeout=0.05)), 10)
+        await asyncio.wait_for(cancelled.wait(), 5)
+        return sent
+
+    sent = asyncio.run(scenario())
+    assert sent[0]["status"] == 504
+    assert b"0.05 seconds" in sent[1]["body"]
+
+
+def test_a_handler_that_raises_is_not_held_until_the_deadline():
+    async def broken_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        raise RuntimeError("route bug")
+
+    with pytest.raises(RuntimeError, match="route bug"):
+        asyncio.run(asyncio.wait_for(call(ResponseDeadline(broken_app, timeout=600)), 5))
+
+
+def test_the_service_makes_bentoml_build_its_stack_with_it(tiny_models, monkeypatch):
+    monkeypatch.setattr(traffic, "TimeoutMiddleware", ORIGINAL)  # restored after the import below replaces it
+    monkeypatch.setenv("HF_SERVE_MODEL_DIR", str(tiny_models["sequence_classification"]))
+    spec = importlib.util.spec_from_file_location("service_under_test_deadline", PROJECT_DIR / "service.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    # BentoML's app factories take their timeout middleware from this property when the worker builds the app.
+    factory = SimpleNamespace(timeout=600.0, max_concurrency=None)
+    assert [m.cls for m in BaseAppFactory.middlewares.fget(factory)] == [ResponseDeadline]  # type: ignore[attr-defined]
