@@ -188,8 +188,9 @@ class ServerArguments(BaseModel):
     max_wait_ms: float = Field(
         0.0,
         ge=0,
-        description="How long the batcher waits for more inputs after the first; 0 takes what is queued, "
-        "which under load is a full batch anyway (requests queue while the model runs).",
+        description="How long the batcher waits for more inputs after the first; 0 takes what is queued. Under "
+        "load it also waits, at most half the last pass and 50 ms, for requests already received but not yet "
+        "queued (engines/batcher.py).",
     )
     max_queue_size: int = Field(4096, gt=0, description="Queued inputs beyond which requests get 429.")
     # Input limits of encoder requests (hostile or careless clients): each is named in its 413 answer.
