@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 
 import pytest
@@ -369,14 +370,15 @@ def test_requests_on_their_way_fill_the_batch_and_the_wait_is_bounded(monkeypatc
     (instead of running a one-item pass), and never longer than the fill bound."""
     import engines.batcher as batcher_module
 
-    monkeypatch.setattr(batcher_module, "FILL_WAIT_MAX_S", 5.0)  # wide margins: structure, not timing
+    monkeypatch.setattr(batcher_module, "FILL_WAIT_MAX_S", 10.0)  # wide margins: structure, not timing
+    gc.collect()  # earlier tests' models: no full collection pauses the loop between the submissions
     seen: list[list[int]] = []
     in_flight = {"count": 0}
 
     def process(works: list[int]) -> list[int]:
         seen.append(works)
         if works == [0]:
-            threading.Event().wait(1.0)  # the last pass's length bounds the next fill: half of it
+            threading.Event().wait(3.0)  # the last pass's length bounds the next fill: half of it
         return works
 
     batcher: MicroBatcher[int, int] = MicroBatcher(
@@ -384,7 +386,7 @@ def test_requests_on_their_way_fill_the_batch_and_the_wait_is_bounded(monkeypatc
     )
 
     async def run() -> None:
-        await batcher.submit(0)  # a 1 s pass: the next fill may wait up to 0.5 s
+        await batcher.submit(0)  # a 3 s pass: the next fill may wait up to 1.5 s, far past any GC pause here
         in_flight["count"] = 4  # four requests received; one is submitted now, three are still being parsed
         first = asyncio.ensure_future(batcher.submit(1))
         await asyncio.sleep(0.05)
