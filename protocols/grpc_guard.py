@@ -1,6 +1,6 @@
 """The gRPC side of the request lifecycle (routes/guard.py and routes/cancellation.py are the HTTP side).
 
-One server interceptor, run before the API key's:
+Two server interceptors. The lifecycle's, run before the API key's:
 - while the server drains (SIGTERM, routes/lifecycle.py), a new call is refused with UNAVAILABLE, a message
   and `retry-after` metadata, so a client or balancer retries on another replica; liveness stays open;
 - calls being answered count in the lifecycle's `in_flight`, so the drain waits for them as for HTTP requests;
@@ -12,6 +12,7 @@ One server interceptor, run before the API key's:
 from __future__ import annotations
 
 import asyncio
+import hmac
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
@@ -20,6 +21,8 @@ import grpc
 # Open while draining: a live process that is stopping is still live (HTTP's guard refuses even liveness, but
 # a gRPC liveness probe that fails would get the pod killed before its calls in flight finish).
 DRAIN_OPEN_METHODS = frozenset({"ServerLive"})
+# Open without the API key: liveness and readiness, as the REST health routes.
+OPEN_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
 
 _KINDS = (
     ("unary_unary", grpc.unary_unary_rpc_method_handler),
@@ -119,3 +122,30 @@ class LifecycleInterceptor(grpc.aio.ServerInterceptor):
         # it), or rarely the server's stop past its grace period, which cuts calls as well.
         if self.on_cancelled is not None:
             self.on_cancelled(method)
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """`authorization: Bearer <key>` metadata on every method but liveness and readiness (constant-time)."""
+
+    def __init__(self, api_key: str) -> None:
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or details.method.rsplit("/", 1)[-1] in OPEN_METHODS:
+            return handler
+        given = next((value for key, value in details.invocation_metadata or () if key == "authorization"), "")
+        given_bytes = given.encode() if isinstance(given, str) else given
+        if hmac.compare_digest(given_bytes, self.expected):
+            return handler
+        message = "the API key is not valid" if given else "this server needs 'authorization: Bearer <key>' metadata"
+
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        make = next(factory for kind, factory in _KINDS if getattr(handler, kind) is not None)
+        return make(
+            refuse,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

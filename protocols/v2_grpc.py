@@ -14,7 +14,6 @@ Requests reuse the REST V2 translation (protocols/v2.py): one BYTES input of tex
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import re
 import time
@@ -30,7 +29,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from handlers.errors import InvalidInput, ModelNotFound, ServingError
 from handlers.requests import TaskResult, TensorSpec
 from protocols import v2, v2_binary
-from protocols.grpc_guard import LifecycleInterceptor, LifecycleState
+from protocols.grpc_guard import ApiKeyInterceptor, LifecycleInterceptor, LifecycleState
 from settings.tasks import Task
 
 if TYPE_CHECKING:  # the runtime module imports torch; this one need not
@@ -50,8 +49,6 @@ IMPLEMENTED = frozenset(
     {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer", "ModelStreamInfer"}
 )
 
-# Methods open without the API key: liveness and readiness, as the REST health routes.
-OPEN_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._~:+=/-]{1,128}")
 
 _STATUS_CODES = {
@@ -299,39 +296,6 @@ def request_id_of(context: grpc.aio.ServicerContext) -> str:
         if key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
             return value
     return uuid.uuid4().hex
-
-
-class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """`authorization: Bearer <key>` metadata on every method but liveness and readiness (constant-time)."""
-
-    def __init__(self, api_key: str) -> None:
-        self.expected = f"Bearer {api_key}".encode()
-
-    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(details)
-        if handler is None or details.method.rsplit("/", 1)[-1] in OPEN_METHODS:
-            return handler
-        given = next((value for key, value in details.invocation_metadata or () if key == "authorization"), "")
-        given_bytes = given.encode() if isinstance(given, str) else given
-        if hmac.compare_digest(given_bytes, self.expected):
-            return handler
-        message = "the API key is not valid" if given else "this server needs 'authorization: Bearer <key>' metadata"
-
-        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-        kinds = (
-            (handler.unary_unary, grpc.unary_unary_rpc_method_handler),
-            (handler.unary_stream, grpc.unary_stream_rpc_method_handler),
-            (handler.stream_unary, grpc.stream_unary_rpc_method_handler),
-            (handler.stream_stream, grpc.stream_stream_rpc_method_handler),
-        )
-        make = next(factory for behaviour, factory in kinds if behaviour is not None)
-        return make(
-            refuse,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
 
 
 def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
