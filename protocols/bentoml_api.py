@@ -82,6 +82,46 @@ class ChatMessage(BaseModel):
     content: str = Field(description="What they say.", examples=["What is the capital of France?"])
 
 
+# ---------------------------------------------------------------------------------------------------
+# Generation inputs: the request bodies of /generate and /chat
+# ---------------------------------------------------------------------------------------------------
+
+
+class SamplingFields(BaseModel):
+    """The sampling options /generate and /chat share; `sampling_options` resolves their defaults."""
+
+    max_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="Most tokens to generate; default: the model's generation_config, else the rest of the context.",
+    )
+    temperature: float | None = Field(None, ge=0, description="0 is greedy; default: generation_config, else 1.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling; default: generation_config.")
+    seed: int | None = Field(None, description="Seed for reproducible sampling.")
+    stop: list[str] | None = Field(None, description="Stop strings, left out of the text.")
+
+
+# pydantic lists a base class's fields first, and the last base's before the others': SamplingFields comes
+# first among the bases so the prompt (or messages) stays the first property. BentoML's clients map
+# positional arguments onto the properties in order, so `client.generate("Once upon a")` keeps working.
+class _Prompt(BaseModel):
+    prompt: str = Field(
+        description="The text to continue (special tokens added as in training).", examples=["Once upon a"]
+    )
+
+
+class _Messages(BaseModel):
+    messages: list[ChatMessage] = Field(description="The conversation so far.", min_length=1)
+
+
+class GenerateInput(SamplingFields, _Prompt):
+    """The body of /generate."""
+
+
+class ChatInput(SamplingFields, _Messages):
+    """The body of /chat."""
+
+
 # BentoML's typed endpoints live under this prefix: their default routes (/embed, /rerank, /generate) are
 # TEI's and TGI's, whose clients post there in their own shapes. BentoML's clients find routes in /schema.json.
 API_PREFIX = "/bentoml"
@@ -159,16 +199,9 @@ def check_texts(texts: list[str], param: str = "texts") -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def sampling_options(
-    defaults: Mapping[str, Any],
-    *,
-    max_tokens: int,
-    temperature: float | None,
-    top_p: float | None,
-    seed: int | None,
-    stop: list[str] | None,
-) -> SamplingOptions:
-    """request -> the model's generation_config (`defaults`) -> OpenAI's default, field by field."""
+def sampling_options(defaults: Mapping[str, Any], request: SamplingFields, max_tokens: int) -> SamplingOptions:
+    """request -> the model's generation_config (`defaults`) -> OpenAI's default, field by field;
+    `max_tokens` comes resolved by `max_tokens_for`."""
 
     def pick(value: Any, key: str, fallback: Any) -> Any:
         if value is not None:
@@ -177,13 +210,13 @@ def sampling_options(
 
     return SamplingOptions(
         max_tokens=max_tokens,
-        temperature=float(pick(temperature, "temperature", 1.0)),
-        top_p=float(pick(top_p, "top_p", 1.0)),
+        temperature=float(pick(request.temperature, "temperature", 1.0)),
+        top_p=float(pick(request.top_p, "top_p", 1.0)),
         top_k=int(defaults.get("top_k", 0)),
         min_p=float(defaults.get("min_p", 0.0)),
         repetition_penalty=float(defaults.get("repetition_penalty", 1.0)),
-        seed=seed,
-        stop=tuple(stop or ()),
+        seed=request.seed,
+        stop=tuple(request.stop or ()),
     )
 
 

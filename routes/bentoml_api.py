@@ -20,7 +20,7 @@ from bentoml.exceptions import BentoMLException
 from pydantic import Field
 
 from engines.encoder_runtime import PredictiveRuntime
-from engines.generation.backend import GenerationBackend, GenerationRequest, check_sampling
+from engines.generation.backend import GenerationRequest, check_sampling
 from handlers.errors import InvalidInput, ServingError
 from handlers.requests import RequestOptions, TaskResult
 from protocols import bentoml_api as schema
@@ -28,22 +28,12 @@ from routes.common import ServedModel, predict
 from settings.tasks import Task
 
 T = TypeVar("T")
+R = TypeVar("R", bound=schema.SamplingFields)
 
 Texts = Annotated[
     list[str],
     Field(description="The input texts, one result per text.", min_length=1, examples=[["Paris is lovely in spring."]]),
 ]
-MaxTokens = Annotated[
-    int | None,
-    Field(gt=0, description="Most tokens to generate; default: the model's generation_config, else the "
-          "rest of the context."),
-]
-Temperature = Annotated[
-    float | None, Field(ge=0, description="0 is greedy; default: generation_config, else 1.")
-]
-TopP = Annotated[float | None, Field(gt=0, le=1, description="Nucleus sampling; default: generation_config.")]
-Seed = Annotated[int | None, Field(description="Seed for reproducible sampling.")]
-Stop = Annotated[list[str] | None, Field(description="Stop strings, left out of the text.")]
 
 
 def bentoml_error(error: ServingError) -> BentoMLException:
@@ -127,53 +117,19 @@ class TypedApis:
 
     # --- generation: through the generation backend, streamed ---
 
-    @bentoml.api(route=f"{schema.API_PREFIX}/generate")
-    async def generate(
-        self: ServedModel,
-        prompt: Annotated[
-            str,
-            Field(description="The text to continue (special tokens added as in training).", examples=["Once upon a"]),
-        ],
-        max_tokens: MaxTokens = None,
-        temperature: Temperature = None,
-        top_p: TopP = None,
-        seed: Seed = None,
-        stop: Stop = None,
-    ) -> AsyncGenerator[str, None]:
+    @bentoml.api(route=f"{schema.API_PREFIX}/generate", input_spec=schema.GenerateInput)
+    async def generate(self: ServedModel, **body: Any) -> AsyncGenerator[str, None]:
         """Continue the prompt; the text streams back as it is generated (text_generation models)."""
-        backend = self.generation
-
-        def prompt_ids() -> list[int]:
-            return list(backend.tokenizer(prompt)["input_ids"]) if backend else []
-
-        chunks = _generate(self, "generate", backend, prompt_ids, max_tokens, temperature, top_p, seed, stop)
-        async for text in _stream(chunks):
+        # BentoML validated the body against input_spec and passes its fields as keywords.
+        request = schema.GenerateInput.model_construct(**body)
+        async for text in _stream(_generate(self, "generate", request, _prompt_ids)):
             yield text
 
-    @bentoml.api(route=f"{schema.API_PREFIX}/chat")
-    async def chat(
-        self: ServedModel,
-        messages: Annotated[list[schema.ChatMessage], Field(description="The conversation so far.", min_length=1)],
-        max_tokens: MaxTokens = None,
-        temperature: Temperature = None,
-        top_p: TopP = None,
-        seed: Seed = None,
-        stop: Stop = None,
-    ) -> AsyncGenerator[str, None]:
+    @bentoml.api(route=f"{schema.API_PREFIX}/chat", input_spec=schema.ChatInput)
+    async def chat(self: ServedModel, **body: Any) -> AsyncGenerator[str, None]:
         """The assistant's reply by the model's chat template, streamed as it is generated."""
-        backend = self.generation
-
-        def prompt_ids() -> list[int]:
-            if backend is None:
-                return []
-            if not getattr(backend.tokenizer, "chat_template", None):
-                raise InvalidInput("this model has no chat template; use the 'generate' endpoint", param="messages")
-            conversation = [message.model_dump() for message in messages]
-            text = backend.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-            return list(backend.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-        chunks = _generate(self, "chat", backend, prompt_ids, max_tokens, temperature, top_p, seed, stop)
-        async for text in _stream(chunks):
+        request = schema.ChatInput.model_construct(**body)
+        async for text in _stream(_generate(self, "chat", request, _chat_prompt_ids)):
             yield text
 
 
@@ -202,38 +158,41 @@ async def rerank_scores(served: ServedModel, query: str, documents: list[str]) -
     return result.scores
 
 
+def _prompt_ids(tokenizer: Any, request: schema.GenerateInput) -> list[int]:
+    return list(tokenizer(request.prompt)["input_ids"])
+
+
+def _chat_prompt_ids(tokenizer: Any, request: schema.ChatInput) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidInput("this model has no chat template; use the 'generate' endpoint", param="messages")
+    conversation = [message.model_dump() for message in request.messages]
+    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 async def _generate(
     served: ServedModel,
     endpoint: str,
-    backend: GenerationBackend | None,
-    prompt_ids: Callable[[], list[int]],
-    max_tokens: int | None,
-    temperature: float | None,
-    top_p: float | None,
-    seed: int | None,
-    stop: list[str] | None,
+    request: R,
+    prompt_ids: Callable[[Any, R], list[int]],
 ) -> AsyncIterator[str]:
+    """The text of one generation as it comes; `prompt_ids(tokenizer, request)` tokenizes the endpoint's input."""
+    backend = served.generation
     if backend is None:
         task = served.runtime.source.task.value
         raise schema.wrong_task(served.args.model_name, task, endpoint, "text_generation")
     if not served.runtime.ready:
         raise served.runtime.not_ready_error()
-    ids = await asyncio.to_thread(prompt_ids)  # tokenizers and chat templates stay off the event loop
+    ids = await asyncio.to_thread(prompt_ids, backend.tokenizer, request)  # tokenizers stay off the event loop
     if not ids:
         raise InvalidInput("the prompt is empty after tokenization")
     defaults = backend.sampling_defaults
-    sampling = schema.sampling_options(
-        defaults,
-        max_tokens=schema.max_tokens_for(max_tokens, defaults, len(ids), backend.max_model_len),
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        stop=stop,
-    )
+    max_tokens = schema.max_tokens_for(request.max_tokens, defaults, len(ids), backend.max_model_len)
+    sampling = schema.sampling_options(defaults, request, max_tokens)
     check_sampling(backend, sampling)
-    request = GenerationRequest(f"bento-{uuid.uuid4().hex}", tuple(ids), sampling)
+    generation_request = GenerationRequest(f"bento-{uuid.uuid4().hex}", tuple(ids), sampling)
     # Closing the generator (the client left) aborts the request in the backend and frees its slot.
-    async with aclosing(backend.generate(request)) as outputs:  # type: ignore[type-var]
+    async with aclosing(backend.generate(generation_request)) as outputs:  # type: ignore[type-var]
         async for output in outputs:
             for delta in output.choices:
                 if delta.text:
