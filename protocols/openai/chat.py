@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from engines.generation.backend import GenerationBackend, GenerationRequest
-from protocols.openai.generation_requests import chat_generation_request, new_id
+from protocols.openai.generation_requests import chat_generation_request
 from protocols.openai.logprobs import chat_logprobs, vllm_prompt_logprobs
-from protocols.openai.runner import Choice, Runner, collect, off_loop, usage
+from protocols.openai.runner import Choice, Started, collect, start, usage
 from protocols.openai.schemas import ChatCompletionRequest, parse_chat_request
 from protocols.openai.sse import sse_stream
 from protocols.openai.tools import StreamSplitter, finish_reason, parse_output
@@ -19,17 +18,10 @@ async def create_chat_completion(
     backend: GenerationBackend, body: Mapping[str, Any], *, model_name: str | None = None
 ) -> dict[str, Any] | AsyncIterator[str]:
     """POST /openai/v1/chat/completions: the response dict, or SSE lines when body["stream"] is true."""
-    request = parse_chat_request(body)
-    request_id = new_id("chatcmpl")
-    generation_request = await off_loop(chat_generation_request, backend, request, request_id)
-    model = model_name or request.model or "model"
-    runner = Runner(backend, [generation_request])
-    await runner.start()
-    created = int(time.time())
+    started = await start(backend, body, model_name, parse_chat_request, "chatcmpl", _generation_requests)
+    request, runner = started.request, started.runner
     if request.stream:
-        return sse_stream(
-            _chat_stream(runner, request, generation_request, request_id, model, created), runner, "chat completion"
-        )
+        return sse_stream(_chat_stream(started), runner, "chat completion")
     try:
         choices: dict[int, Choice] = {}
         prompt_entries = None
@@ -59,35 +51,36 @@ async def create_chat_completion(
                 "stop_reason": choice.stop_reason,
             }
         )
+    prompt_tokens = len(started.generation_requests[0].prompt_token_ids)
     return {
-        "id": request_id,
+        "id": started.request_id,
         "object": "chat.completion",
-        "created": created,
-        "model": model,
+        "created": started.created,
+        "model": started.model,
         "choices": result,
-        "usage": usage(len(generation_request.prompt_token_ids), sum(c.token_count for c in choices.values())),
+        "usage": usage(prompt_tokens, sum(c.token_count for c in choices.values())),
         "system_fingerprint": None,
         **({"prompt_logprobs": vllm_prompt_logprobs(prompt_entries)} if request.prompt_logprobs is not None else {}),
     }
 
 
-async def _chat_stream(
-    runner: Runner,
-    request: ChatCompletionRequest,
-    generation_request: GenerationRequest,
-    request_id: str,
-    model: str,
-    created: int,
-) -> AsyncIterator[dict[str, Any]]:
+def _generation_requests(
+    backend: GenerationBackend, request: ChatCompletionRequest, request_id: str
+) -> list[GenerationRequest]:
+    return [chat_generation_request(backend, request, request_id)]
+
+
+async def _chat_stream(started: Started[ChatCompletionRequest]) -> AsyncIterator[dict[str, Any]]:
+    request = started.request
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     completion_tokens = 0
 
     def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "id": request_id,
+            "id": started.request_id,
             "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
+            "created": started.created,
+            "model": started.model,
             "system_fingerprint": None,
             "choices": choices,
         }
@@ -101,7 +94,7 @@ async def _chat_stream(
         yield chunk([role])
     plan = request.tool_plan()
     splitters = {i: StreamSplitter(plan) for i in range(request.n)} if plan.mode != "none" else {}
-    async for _, output in runner.outputs():
+    async for _, output in started.runner.outputs():
         for delta in output.choices:
             completion_tokens += len(delta.token_ids)
             splitter = splitters.get(delta.index)
@@ -138,5 +131,5 @@ async def _chat_stream(
             yield chunk([choice])
     if include_usage:
         final = chunk([])
-        final["usage"] = usage(len(generation_request.prompt_token_ids), completion_tokens)
+        final["usage"] = usage(len(started.generation_requests[0].prompt_token_ids), completion_tokens)
         yield final

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from engines.generation.backend import GenerationBackend, GenerationOutput, GenerationRequest
-from protocols.openai.generation_requests import completion_generation_requests, new_id
+from protocols.openai.generation_requests import completion_generation_requests
 from protocols.openai.logprobs import completion_logprobs, echo_logprobs, merge_logprobs, vllm_prompt_logprobs
-from protocols.openai.runner import Choice, Runner, collect, off_loop, usage
+from protocols.openai.runner import Choice, Runner, collect, start, usage
 from protocols.openai.schemas import CompletionRequest, parse_completion_request
 from protocols.openai.sse import sse_stream
 
@@ -19,14 +18,12 @@ async def create_completion(
     backend: GenerationBackend, body: Mapping[str, Any], *, model_name: str | None = None
 ) -> dict[str, Any] | AsyncIterator[str]:
     """POST /openai/v1/completions: the response dict, or SSE lines when body["stream"] is true."""
-    request = parse_completion_request(body)
-    request_id = new_id("cmpl")
-    generation_requests = await off_loop(completion_generation_requests, backend, request, request_id)
-    model = model_name or request.model or "model"
-    runner = Runner(backend, generation_requests)
-    await runner.start()
+    started = await start(backend, body, model_name, parse_completion_request, "cmpl", completion_generation_requests)
+    request, runner = started.request, started.runner
     prompts = [p if isinstance(p, str) else backend.tokenizer.decode(p) for p in request.prompts()]
-    context = CompletionContext(backend, request, generation_requests, prompts, request_id, model)
+    context = CompletionContext(
+        backend, request, started.generation_requests, prompts, started.request_id, started.model, started.created
+    )
     if request.stream:
         return sse_stream(_completion_stream(runner, context), runner, "completion")
     try:
@@ -43,7 +40,7 @@ class CompletionContext:
     prompts: list[str]
     request_id: str
     model: str
-    created: int = field(default_factory=lambda: int(time.time()))
+    created: int
 
     def choice_index(self, position: int, index: int) -> int:
         return position * self.request.n + index

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from engines.generation.backend import (
     ChoiceDelta,
@@ -15,8 +16,12 @@ from engines.generation.backend import (
     GenerationRequest,
     TokenLogprobs,
 )
+from protocols.openai.generation_requests import new_id
+from protocols.openai.schemas import SamplingFields
 
 logger = logging.getLogger(__name__)
+
+RequestT = TypeVar("RequestT", bound=SamplingFields)
 
 
 @dataclass
@@ -126,3 +131,34 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 async def off_loop(function: Any, *args: Any) -> Any:
     """Tokenization and chat templates run on a worker thread, off the event loop."""
     return await asyncio.to_thread(function, *args)
+
+
+@dataclass
+class Started(Generic[RequestT]):
+    """An OpenAI request past the opening /completions and /chat/completions share."""
+
+    request: RequestT
+    request_id: str
+    generation_requests: list[GenerationRequest]
+    model: str
+    runner: Runner
+    created: int
+
+
+async def start(
+    backend: GenerationBackend,
+    body: Mapping[str, Any],
+    model_name: str | None,
+    parse: Callable[[Mapping[str, Any]], RequestT],
+    id_prefix: str,
+    build: Callable[[GenerationBackend, RequestT, str], list[GenerationRequest]],
+) -> Started[RequestT]:
+    """Parse the body, build its GenerationRequests off the loop and start them: a bad body, an unfit
+    sampling option or a full queue raises here, before the response (or its stream) begins."""
+    request = parse(body)
+    request_id = new_id(id_prefix)
+    generation_requests = await off_loop(build, backend, request, request_id)
+    model = model_name or request.model or "model"
+    runner = Runner(backend, generation_requests)
+    await runner.start()
+    return Started(request, request_id, generation_requests, model, runner, int(time.time()))
