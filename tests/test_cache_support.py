@@ -5,9 +5,7 @@ and full-attention layers (a tiny Gemma2) is served, and past its window equals 
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,45 +13,21 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     Gemma2Config,
     Gemma2ForCausalLM,
     JambaConfig,
     JambaForCausalLM,
 )
 
-from engines.generation.backend import GenerationRequest, SamplingOptions
 from engines.generation.select import build_generation_backend
 from engines.generation.transformers import TransformersBackend
 from engines.generation.transformers.cache_support import unsupported_cache_reason, unsupported_layers_reason
 from settings.arguments import parse_arguments
 from settings.loading import ModelLoadError, inspect_model
 from tests.server_process import BENTOML, PROJECT_DIR
+from tests.tiny_decoders import decoder_fields, greedy, reference, save_decoder, start_backend
 
 WINDOW = 8
-
-
-def _tiny(folder: Path, tokenizer_folder: Path, model: torch.nn.Module) -> Path:
-    model.eval().save_pretrained(str(folder))
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (tokenizer_folder / name).exists():
-            shutil.copy(tokenizer_folder / name, folder / name)
-    return folder
-
-
-def _common(tokenizer_folder: Path) -> dict[str, int]:
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
-    return {
-        "vocab_size": len(tokenizer),
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "max_position_embeddings": 128,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +35,7 @@ def jamba_folder(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPath
     """A 2-layer JambaForCausalLM (one Mamba layer, one attention layer) on the tiny llama's tokenizer."""
     torch.manual_seed(5)
     config = JambaConfig(
-        **_common(tiny_models["llama"]),
+        **decoder_fields(tiny_models["llama"]),
         num_hidden_layers=2,
         attn_layer_period=2,
         attn_layer_offset=1,
@@ -73,16 +47,18 @@ def jamba_folder(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPath
         mamba_expand=1,
         use_mamba_kernels=False,
     )
-    return _tiny(tmp_path_factory.mktemp("jamba"), tiny_models["llama"], JambaForCausalLM(config))
+    return save_decoder(JambaForCausalLM(config), tmp_path_factory.mktemp("jamba"), tiny_models["llama"])
 
 
 @pytest.fixture(scope="module")
 def gemma2_folder(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 4-layer Gemma2ForCausalLM alternating sliding-window (8 tokens) and full-attention layers."""
     torch.manual_seed(3)
-    config = Gemma2Config(**_common(tiny_models["llama"]), num_hidden_layers=4, head_dim=32, sliding_window=WINDOW)
+    config = Gemma2Config(
+        **decoder_fields(tiny_models["llama"]), num_hidden_layers=4, head_dim=32, sliding_window=WINDOW
+    )
     assert set(config.layer_types) == {"sliding_attention", "full_attention"}
-    return _tiny(tmp_path_factory.mktemp("gemma2"), tiny_models["llama"], Gemma2ForCausalLM(config))
+    return save_decoder(Gemma2ForCausalLM(config), tmp_path_factory.mktemp("gemma2"), tiny_models["llama"])
 
 
 def _args(path: Path, backend: str = "huggingface") -> object:
@@ -144,21 +120,9 @@ def test_bentoml_serve_stops_at_start_naming_the_reason(jamba_folder: Path) -> N
 
 @pytest.fixture(scope="module")
 def gemma2(gemma2_folder: Path) -> Iterator[TransformersBackend]:
-    args = _args(gemma2_folder)
-    backend = build_generation_backend(inspect_model(args), args)
-    assert isinstance(backend, TransformersBackend)
-    asyncio.run(backend.start())
+    backend = start_backend(gemma2_folder)
     yield backend
     asyncio.run(backend.stop())
-
-
-async def _greedy(backend: TransformersBackend, ids: list[int], max_tokens: int) -> list[int]:
-    out: list[int] = []
-    sampling = SamplingOptions(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    async for output in backend.generate(GenerationRequest(f"r{time.monotonic_ns()}", ids, sampling)):
-        for delta in output.choices:
-            out += delta.token_ids
-    return out
 
 
 def test_mixed_sliding_and_full_attention_past_the_window_equals_generate(gemma2: TransformersBackend) -> None:
@@ -167,16 +131,10 @@ def test_mixed_sliding_and_full_attention_past_the_window_equals_generate(gemma2
         for text in ("Hello", "The cat sat on the mat and the dog slept by the door", "Paris is the capital of")
     ]
     assert max(len(p) for p in prompts) > WINDOW
-    with torch.no_grad():
-        expected = [
-            gemma2.model.generate(torch.tensor([ids]), max_new_tokens=20, min_new_tokens=20, do_sample=False)[
-                0, len(ids) :
-            ].tolist()
-            for ids in prompts
-        ]
+    expected = [reference(gemma2, ids, 20) for ids in prompts]
 
     async def together() -> list[list[int]]:
-        return await asyncio.gather(*(_greedy(gemma2, ids, 20) for ids in prompts))
+        return await asyncio.gather(*(greedy(gemma2, ids, 20) for ids in prompts))
 
     gemma2.max_rows_seen = 0
     assert asyncio.run(together()) == expected  # batched, left-padded to different lengths

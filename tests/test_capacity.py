@@ -5,22 +5,18 @@ request, and a warm-up generation runs before the backend reports ready."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+from transformers import MistralConfig, MistralForCausalLM
 
 from engines.generation.backend import GenerationRequest, SamplingOptions
-from engines.generation.select import build_generation_backend
 from engines.generation.transformers import TransformersBackend
 from engines.generation.transformers.state import Row
 from handlers.errors import InvalidInput
-from settings.arguments import parse_arguments
-from settings.loading import inspect_model
+from tests.tiny_decoders import decoder_fields, greedy, reference, save_decoder, start_backend
 
 WINDOW = 8
 
@@ -28,58 +24,16 @@ WINDOW = 8
 @pytest.fixture(scope="module")
 def mistral_folder(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny MistralForCausalLM attending within a sliding window of 8 tokens, on the tiny llama's tokenizer."""
-    folder = tmp_path_factory.mktemp("mistral")
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_models["llama"]))
     torch.manual_seed(11)
     config = MistralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        max_position_embeddings=128,
-        sliding_window=WINDOW,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **decoder_fields(tiny_models["llama"]), num_hidden_layers=2, head_dim=32, sliding_window=WINDOW
     )
-    MistralForCausalLM(config).eval().save_pretrained(str(folder))
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (tiny_models["llama"] / name).exists():
-            shutil.copy(tiny_models["llama"] / name, folder / name)
-    return folder
-
-
-def _backend(path: Path, **given: str) -> TransformersBackend:
-    args = parse_arguments({"model_dir": str(path), "backend": "huggingface", **given}, environ={})
-    backend = build_generation_backend(inspect_model(args), args)
-    assert isinstance(backend, TransformersBackend)
-    asyncio.run(backend.start())
-    return backend
-
-
-async def _greedy(backend: TransformersBackend, ids: list[int], max_tokens: int) -> list[int]:
-    out: list[int] = []
-    sampling = SamplingOptions(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    async for output in backend.generate(GenerationRequest(f"r{time.monotonic_ns()}", ids, sampling)):
-        for delta in output.choices:
-            out += delta.token_ids
-    return out
-
-
-def _reference(backend: TransformersBackend, ids: list[int], max_tokens: int) -> list[int]:
-    with torch.no_grad():
-        out = backend.model.generate(
-            torch.tensor([ids]), max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False
-        )
-    return out[0, len(ids) :].tolist()
+    return save_decoder(MistralForCausalLM(config), tmp_path_factory.mktemp("mistral"), tiny_models["llama"])
 
 
 @pytest.fixture(scope="module")
 def mistral(mistral_folder: Path) -> Iterator[TransformersBackend]:
-    backend = _backend(mistral_folder)
+    backend = start_backend(mistral_folder)
     yield backend
     asyncio.run(backend.stop())
 
@@ -90,10 +44,10 @@ def test_sliding_window_model_past_its_window_equals_generate(mistral: Transform
         for text in ("Hello", "The cat sat on the mat and the dog slept by the door", "Paris is the capital of")
     ]
     assert max(len(p) for p in prompts) > WINDOW  # prompts and generations both pass the window
-    expected = [_reference(mistral, ids, 24) for ids in prompts]
+    expected = [reference(mistral, ids, 24) for ids in prompts]
 
     async def together() -> list[list[int]]:
-        return await asyncio.gather(*(_greedy(mistral, ids, 24) for ids in prompts))
+        return await asyncio.gather(*(greedy(mistral, ids, 24) for ids in prompts))
 
     mistral.max_rows_seen = 0
     assert asyncio.run(together()) == expected  # batched, left-padded to different lengths
@@ -103,7 +57,7 @@ def test_sliding_window_model_past_its_window_equals_generate(mistral: Transform
 @pytest.fixture(scope="module")
 def budgeted(tiny_models: dict[str, Path]) -> Iterator[TransformersBackend]:
     """The tiny llama (1 KiB of KV cache per token and row) with a 1 MiB KV budget."""
-    backend = _backend(tiny_models["llama"], kv_cache_budget_mb="1")
+    backend = start_backend(tiny_models["llama"], kv_cache_budget_mb="1")
     yield backend
     asyncio.run(backend.stop())
 
@@ -115,7 +69,7 @@ def test_warm_up_ran_before_start_returned(budgeted: TransformersBackend) -> Non
 
 def test_kv_budget_makes_a_request_wait_and_refuses_one_that_never_fits(budgeted: TransformersBackend) -> None:
     ids = budgeted.tokenizer("Paris is the capital of France and the river")["input_ids"]
-    expected = _reference(budgeted, ids, 100)
+    expected = reference(budgeted, ids, 100)
     sampling = SamplingOptions(max_tokens=100, temperature=0.0, ignore_eos=True, n=8)  # ~0.9 MiB: one at a time
 
     async def run(name: str) -> dict[int, list[int]]:
@@ -144,7 +98,7 @@ def test_kv_budget_makes_a_request_wait_and_refuses_one_that_never_fits(budgeted
 
 def test_a_failing_row_fails_only_its_request(budgeted: TransformersBackend, monkeypatch: pytest.MonkeyPatch) -> None:
     ids = budgeted.tokenizer("Hello there")["input_ids"]
-    expected = _reference(budgeted, ids, 20)
+    expected = reference(budgeted, ids, 20)
     # Sampling raises for that request's row alone (a tiny temperature used to do it; it is greedy now).
     sample_row = budgeted.sampler.sample_row
 
@@ -161,10 +115,10 @@ def test_a_failing_row_fails_only_its_request(budgeted: TransformersBackend, mon
             pass
 
     async def together() -> list[object]:
-        return await asyncio.gather(broken_request(), _greedy(budgeted, ids, 20), return_exceptions=True)
+        return await asyncio.gather(broken_request(), greedy(budgeted, ids, 20), return_exceptions=True)
 
     budgeted.max_rows_seen = 0
     failed, fine = asyncio.run(together())
     assert isinstance(failed, RuntimeError)
     assert fine == expected
-    assert asyncio.run(_greedy(budgeted, ids, 20)) == expected  # the engine goes on
+    assert asyncio.run(greedy(budgeted, ids, 20)) == expected  # the engine goes on
