@@ -302,8 +302,10 @@ def test_playground_encoder_views(servers, browser, task, shown):
         text = body["texts"][0]
         marked = page.locator("#entities mark").evaluate_all("marks => marks.map(m => m.firstChild.textContent)")
         assert marked == [text[entity["start"] : entity["end"]] for entity in answer]
-        without_tags = "e => { const c = e.cloneNode(true); c.querySelectorAll('small').forEach(s => s.remove()); " \
+        without_tags = (
+            "e => { const c = e.cloneNode(true); c.querySelectorAll('small').forEach(s => s.remove()); "
             "return c.textContent; }"
+        )
         assert page.eval_on_selector("#entities", without_tags) == text
     else:
         rows = answer if task == "sequence_classification" else answer[0]
