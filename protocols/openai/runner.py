@@ -1,4 +1,5 @@
-"""Running several GenerationRequests of one OpenAI request and collecting their outputs per choice."""
+"""Running several GenerationRequests of one OpenAI request and collecting their outputs per choice;
+`start` is the opening /completions and /chat/completions share."""
 
 from __future__ import annotations
 
