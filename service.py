@@ -20,6 +20,7 @@ from engines.encoder_runtime import PredictiveRuntime
 from engines.generation.backend import GenerationBackend
 from engines.generation.select import build_generation_backend, transformers_refusal, vllm_unavailable_reason
 from engines.vllm_pooling import VLLMPoolingEngine, pooling_unavailable_reason
+from engines.worker_readiness import WorkerReadiness
 from protocols import v2_grpc
 from protocols.kserve_generation import GenerativeRuntime
 from routes import fallback as fallback_routes
@@ -41,6 +42,7 @@ from routes.openapi import install_bentoml_openapi, install_openapi
 from settings.arguments import ArgumentError, ServerArguments, parse_arguments
 from settings.loading import ModelLoadError, ModelSource, apply_log_config, apply_torch_threads, inspect_model
 from settings.model_store import stored_model_path
+from settings.parallelism import settle_parallelism
 from settings.tasks import TaskError
 
 logger = logging.getLogger("hf_bentoml_server")
@@ -64,6 +66,7 @@ def _settle_model() -> tuple[ServerArguments, ModelSource]:
         if args.configure_logging and args.log_config_file:
             apply_log_config(args.log_config_file)  # after BentoML's own set-up, which runs before this import
         source = inspect_model(args)
+        args = settle_parallelism(args, source)  # workers and torch threads, now that the model is known
         if source.task.is_generative and args.predictor_host:
             raise ModelLoadError("predictor_host serves encoder tasks; generative models run in this server")
         if args.backend == "vllm":
@@ -144,6 +147,9 @@ class HuggingFaceService(TypedApis):  # routes are mounted per instance in __ini
             self.runtime = PredictiveRuntime(ARGS, SOURCE, requests_in_flight=lambda: LIFECYCLE.in_flight)
             self.runtime.start_loading()
         self.grpc_server: Any = None
+        # Several workers share the port: each says ready only once all have loaded (engines/worker_readiness.py).
+        self.worker_readiness = WorkerReadiness(ARGS.workers)
+        self._marking: asyncio.Task[None] | None = None
         self.server_name, self.server_version = SERVER_NAME, SERVER_VERSION
         # Routers close over this instance: no per-request dependency has to find the service (BentoML's
         # class views resolve one in a thread pool for every request, a measurable share of a small request).
@@ -164,6 +170,7 @@ class HuggingFaceService(TypedApis):  # routes are mounted per instance in __ini
             self.runtime.start_loading()
         if self.vllm_pooling is not None:
             self.vllm_pooling.start_loading()
+        self._marking = asyncio.create_task(self._mark_when_loaded())
         if self.args.max_asyncio_workers is not None:
             executor = concurrent.futures.ThreadPoolExecutor(self.args.max_asyncio_workers, "asyncio-worker")
             asyncio.get_running_loop().set_default_executor(executor)
@@ -184,8 +191,16 @@ class HuggingFaceService(TypedApis):  # routes are mounted per instance in __ini
                 on_cancelled=lambda method: CANCELLED.labels(route=method).inc(),
             )
 
+    async def _mark_when_loaded(self) -> None:
+        while not self._loaded():
+            await asyncio.sleep(0.1)
+        self.worker_readiness.mark_loaded()
+
     @bentoml.on_shutdown
     async def _stop(self) -> None:
+        self.worker_readiness.unmark()
+        if self._marking is not None:
+            self._marking.cancel()
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=5)
         if isinstance(self.runtime, GenerativeRuntime):
@@ -193,9 +208,11 @@ class HuggingFaceService(TypedApis):  # routes are mounted per instance in __ini
         if self.vllm_pooling is not None:
             await self.vllm_pooling.stop()
 
+    def _loaded(self) -> bool:
+        return self.runtime.ready and (self.vllm_pooling is None or self.vllm_pooling.ready)
+
     def __is_ready__(self) -> bool:
-        pooling_ready = self.vllm_pooling is None or self.vllm_pooling.ready
-        return self.runtime.ready and pooling_ready and not LIFECYCLE.draining
+        return self._loaded() and not LIFECYCLE.draining and self.worker_readiness.all_loaded()
 
 
 # The guard wraps BentoML's outer app, so the typed @bentoml.api endpoints and the mounted routes alike pass

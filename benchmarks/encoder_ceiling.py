@@ -1,11 +1,17 @@
 """The in-process ceiling of an encoder: tokenize + forward + pool (or softmax), batched, no server.
 
 What the model costs on this machine with nothing in front of it, measured in the same run as the
-servers so ratios compare. Plain transformers calls, as the plain BentoML peer makes them.
+servers so ratios compare. Plain transformers calls, as the plain BentoML peer makes them: in one process with
+torch's threads (`inputs_per_second`), and in one single-threaded process per core at once
+(`per_core_inputs_per_second`), which is how the server runs a small encoder on CPU (settings/parallelism.py).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -43,3 +49,54 @@ def inputs_per_second(folder: Path, task: str, text: str, batch_sizes: list[int]
             done += size
         rates[size] = done / (time.perf_counter() - started)
     return rates
+
+
+def per_core_inputs_per_second(
+    folder: Path, task: str, text: str, batch_sizes: list[int], seconds: float, processes: int
+) -> dict[int, float]:
+    """The same loop in `processes` processes at once, one torch thread each (as the server's one worker per
+    core runs it): their summed inputs/s per batch size. Each loads and warms up first, then all start together."""
+    command = [sys.executable, "-m", "benchmarks.encoder_ceiling", str(folder), task, text, str(seconds)]
+    command += [str(size) for size in batch_sizes]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    children = [
+        subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+        for _ in range(processes)
+    ]
+    try:
+        for child in children:  # each says "ready" once loaded and warmed up
+            assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        results = [json.loads(child.communicate(timeout=600)[0]) for child in children]
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+    return {size: sum(result[str(size)] for result in results) for size in batch_sizes}
+
+
+def _one_process_of_several() -> None:
+    """Child of per_core_inputs_per_second: warm up, say ready, wait for go, measure, print JSON."""
+    folder, task, text, seconds, *sizes = sys.argv[1:]
+    torch.set_num_threads(1)
+    tokenizer, model = load_encoder(Path(folder), task)
+    for size in sizes:
+        run_batch(tokenizer, model, task, [text] * int(size))
+    print("ready", flush=True)
+    sys.stdin.readline()
+    rates: dict[int, float] = {}
+    for size in map(int, sizes):
+        batch = [text] * size
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < float(seconds):
+            run_batch(tokenizer, model, task, batch)
+            done += size
+        rates[size] = done / (time.perf_counter() - started)
+    print(json.dumps(rates), flush=True)
+
+
+if __name__ == "__main__":
+    _one_process_of_several()

@@ -222,7 +222,12 @@ class ServerArguments(BaseModel):
         le=65535,
         description="Port of the Open Inference Protocol gRPC service (KServe: 8081); off when unset.",
     )
-    workers: int = Field(1, gt=0, description="BentoML worker processes (KServe's --workers).")
+    workers: int | None = Field(
+        None,
+        gt=0,
+        description="BentoML worker processes (KServe's --workers). Unset: one per CPU core, each with one torch "
+        "thread, for an encoder of at most 256 MB on CPU; else 1 (settings/parallelism.py).",
+    )
     gpus: int = Field(
         0,
         ge=0,
