@@ -34,7 +34,7 @@ from routes import tokenize as tokenize_routes
 from routes import vllm_openai as vllm_openai_routes
 from routes.bentoml_api import TypedApis
 from routes.cancellation import CANCELLED, CancelOnDisconnect
-from routes.common import Timer
+from routes.common import Timer, vllm_serves_openai
 from routes.errors import install_error_handlers
 from routes.guard import RequestGuard
 from routes.lifecycle import Lifecycle
@@ -155,7 +155,7 @@ class HuggingFaceService(TypedApis):  # routes are mounted per instance in __ini
         # class views resolve one in a thread pool for every request, a measurable share of a small request).
         # On the vLLM backend /openai is vLLM's own OpenAI layer on the same engine (tokenize included); else ours.
         # The fallback router answers unknown paths in their protocol's shape, so it comes last.
-        if getattr(self.generation, "name", None) == "vllm" or self.vllm_pooling is not None:
+        if vllm_serves_openai(self):
             openai_layer: tuple[Any, ...] = (vllm_openai_routes,)
         else:
             openai_layer = (openai_routes, tokenize_routes)

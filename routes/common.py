@@ -90,6 +90,12 @@ class ServedModel(Protocol):
     server_version: str
 
 
+def vllm_serves_openai(served: ServedModel) -> bool:
+    """Whether /openai/* is vLLM's own app (routes/vllm_openai.py): a generative model on the vLLM backend, or an
+    encoder model with its vLLM pooling engine. Then no router of ours may claim an /openai path."""
+    return getattr(served.generation, "name", None) == "vllm" or getattr(served, "vllm_pooling", None) is not None
+
+
 def check_model_name(served: ServedModel, name: str | None) -> None:
     if name is not None and name != served.args.model_name:
         raise ModelNotFound(name)

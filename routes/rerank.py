@@ -1,4 +1,6 @@
-"""The rerank API of Cohere, Jina and vLLM: `POST /v1/rerank` and `POST /openai/v1/rerank`."""
+"""The rerank API of Cohere, Jina and vLLM: `POST /v1/rerank` and `POST /openai/v1/rerank`.
+
+On the vLLM backend /openai/* is vLLM's app, so /openai/v1/rerank is vLLM's there; /v1/rerank stays ours."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ from fastapi import APIRouter
 
 from handlers.errors import ModelNotFound
 from protocols import rerank
-from routes.common import OPENAI_PREFIX, ServedModel, predictive_runtime
+from routes.common import OPENAI_PREFIX, ServedModel, predictive_runtime, vllm_serves_openai
 
 
 def build_router(served: ServedModel) -> APIRouter:
@@ -31,6 +33,11 @@ def build_router(served: ServedModel) -> APIRouter:
     async def rerank_v1(request: rerank.RerankRequest) -> rerank.RerankResponse:
         """Rank documents by relevance to the query (Cohere, Jina and vLLM's rerank API)."""
         return await _rerank(request)
+
+    if vllm_serves_openai(served):
+        # vLLM's app owns /openai/* and answers /openai/v1/rerank on its own engine (tests/test_vllm_pooling.py
+        # checks it is vLLM's answer); a route here would only be a wrong entry in the OpenAPI document.
+        return router
 
     @router.post(OPENAI_PREFIX + "/v1/rerank", response_model_exclude_none=True)
     async def rerank_openai(request: rerank.RerankRequest) -> rerank.RerankResponse:

@@ -1,8 +1,7 @@
 """vLLM's own OpenAI layer under /openai, in-process on the service's engine: SmolLM2 through the openai client.
 
 One `bentoml serve` for the module (vLLM CPU, SmolLM2-135M-Instruct, a random LoRA adapter made with peft,
-hermes tool calling), given `vllm serve` arguments by their own names. Its own BENTOML_HOME keeps its
-Prometheus files apart from other servers on the machine.
+hermes tool calling), given `vllm serve` arguments by their own names, started by tests/vllm_server.py.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.server_process import ServerProcess
+from tests.vllm_server import serve_on_vllm
 
 pytestmark = [
     pytest.mark.slow,
@@ -68,7 +67,6 @@ def lora(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(smollm2: Path, lora: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    home = tmp_path_factory.mktemp("bentoml-home")
     args = {
         "model_dir": str(smollm2),
         "model_name": "smollm2",
@@ -80,12 +78,7 @@ def server(smollm2: Path, lora: Path, tmp_path_factory: pytest.TempPathFactory) 
         "max_lora_rank": "8",
         "lora_modules": f"adapter={lora}",
     }
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "BENTOML_HOME": str(home)}
-    process = ServerProcess(args, home / "server.log", env=env)
-    try:
-        yield process.wait_ready(timeout=600).url
-    finally:
-        process.stop()
+    yield from serve_on_vllm(args, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,16 @@
 """Encoder models on vLLM's pooling runner (`--arg backend=vllm`): vLLM's own pooling routes under /openai.
 
 Tiny random BERTs of width 64 (head size 32, the smallest vLLM's CPU attention takes), one `bentoml serve`
-per model, each answer compared to transformers run on the same folder. The refusals at start (fill-mask,
-a head size vLLM's CPU attention does not take) need no engine.
+per model (tests/vllm_server.py), each answer compared to transformers run on the same folder. The refusals
+at start (fill-mask, a head size vLLM's CPU attention does not take) need no engine.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,15 +18,22 @@ import httpx
 import openai
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+)
 
-from tests.server_process import BENTOML, PROJECT_DIR, ServerProcess
+from tests.server_process import BENTOML, PROJECT_DIR
 from tests.tiny_models import (
     build_bert_tokenizer,
     build_cross_encoder,
     build_sentence_transformers,
     build_sequence_classification,
+    build_token_classification,
 )
+from tests.vllm_server import serve_on_vllm
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm not installed")
 
@@ -41,18 +50,13 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "embedding": build_sentence_transformers(root / "embedding", tokenizer, WIDTH),
         "classifier": build_sequence_classification(root / "classifier", tokenizer, WIDTH),
         "cross_encoder": build_cross_encoder(root / "cross_encoder", tokenizer, WIDTH),
+        "token_classifier": build_token_classification(root / "token_classifier", tokenizer, WIDTH),
     }
 
 
 def serve(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    home = tmp_path_factory.mktemp("bentoml-home")
     args = {"model_dir": str(folder), "model_name": "tiny", "backend": "vllm", "enforce_eager": "true"}
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "BENTOML_HOME": str(home)}
-    process = ServerProcess(args, home / "server.log", env=env)
-    try:
-        yield process.wait_ready(timeout=600).url
-    finally:
-        process.stop()
+    yield from serve_on_vllm(args, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +67,11 @@ def embedding_server(folders: dict[str, Path], tmp_path_factory: pytest.TempPath
 @pytest.fixture(scope="module")
 def classifier_server(folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield from serve(folders["classifier"], tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def token_classifier_server(folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from serve(folders["token_classifier"], tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +137,76 @@ def test_score_and_rerank_equal_transformers_sigmoid(cross_encoder_server: str, 
     assert [item["index"] for item in results] == expected.argsort(descending=True).tolist()
     got = torch.tensor([item["relevance_score"] for item in sorted(results, key=lambda item: item["index"])])
     assert torch.allclose(got, expected, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_token_classify_pooling_equals_transformers(token_classifier_server: str, folders: dict[str, Path]) -> None:
+    """vLLM's /pooling with task token_classify: one row per token (special tokens included), softmax over the
+    labels by default, the head's logits with use_activation false."""
+    tokenizer = AutoTokenizer.from_pretrained(str(folders["token_classifier"]))
+    model = AutoModelForTokenClassification.from_pretrained(str(folders["token_classifier"]), dtype=torch.float32)
+    encoding = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        logits = model.eval()(**encoding).logits
+    assert len(set(logits.argmax(-1).flatten().tolist())) > 1, "the tokens' classes must differ to test anything"
+    lengths = encoding["attention_mask"].sum(-1).tolist()
+
+    for use_activation in (True, False):
+        body = {"model": "tiny", "input": TEXTS, "task": "token_classify", "use_activation": use_activation}
+        answer = httpx.post(token_classifier_server + "/openai/pooling", json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        data = sorted(answer.json()["data"], key=lambda item: item["index"])
+        for row, (item, length) in enumerate(zip(data, lengths, strict=True)):
+            expected = logits[row, :length].softmax(-1) if use_activation else logits[row, :length]
+            got = torch.tensor(item["data"])
+            assert got.shape == expected.shape == (length, model.config.num_labels)
+            assert torch.allclose(got, expected, atol=1e-4), (use_activation, row, (got - expected).abs().max())
+
+    # KServe V1 on the same server is our runtime's (transformers): a class id per token of the padded batch.
+    answer = httpx.post(token_classifier_server + "/v1/models/tiny:predict", json={"instances": TEXTS}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"predictions": [[row] for row in logits.argmax(-1).tolist()]}
+
+
+def vllm_prompt_tokens(url: str) -> float:
+    """vLLM's own counter of prompt tokens its engine ran (our runtime's requests never reach it)."""
+    metrics = httpx.get(url + "/metrics", timeout=30).text
+    counts = re.findall(r"^vllm:prompt_tokens_total\{[^}]*\} (\S+)$", metrics, flags=re.MULTILINE)
+    assert counts, "vLLM's metrics are not in /metrics"
+    return sum(float(count) for count in counts)
+
+
+def wait_for_prompt_tokens(url: str, expected: float, timeout: float = 10) -> float:
+    """vLLM's counter once it reaches `expected` (its stats are recorded as outputs are processed), or at timeout."""
+    deadline = time.monotonic() + timeout
+    while (counted := vllm_prompt_tokens(url)) < expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return counted
+
+
+@pytest.mark.slow
+def test_rerank_under_openai_is_vllms_and_v1_rerank_is_ours(cross_encoder_server: str) -> None:
+    """/openai/*rerank is answered by vLLM's app on its engine, not shadowed by routes/rerank.py: each answer moves
+    vLLM's prompt-token counter by its usage. /v1/rerank is ours (transformers) and leaves the counter alone."""
+    body = {"model": "tiny", "query": QUERY, "documents": TEXTS}
+    before = vllm_prompt_tokens(cross_encoder_server)
+    ours = httpx.post(cross_encoder_server + "/v1/rerank", json=body, timeout=60)
+    assert ours.status_code == 200, ours.text
+    time.sleep(1)  # room for a count that should not come
+    assert vllm_prompt_tokens(cross_encoder_server) == before
+
+    for path in ("/openai/rerank", "/openai/v1/rerank", "/openai/v2/rerank"):
+        answer = httpx.post(cross_encoder_server + path, json=body, timeout=60)
+        assert answer.status_code == 200, (path, answer.text)
+        prompt_tokens = answer.json()["usage"]["prompt_tokens"]
+        assert prompt_tokens > 0
+        counted = wait_for_prompt_tokens(cross_encoder_server, before + prompt_tokens)
+        assert counted == before + prompt_tokens, (path, before, prompt_tokens, counted)
+        before = counted
+
+    # Nor does our OpenAPI document claim the route vLLM answers.
+    paths = httpx.get(cross_encoder_server + "/openapi.json", timeout=30).json()["paths"]
+    assert "/v1/rerank" in paths and "/openai/v1/rerank" not in paths
 
 
 @pytest.mark.slow

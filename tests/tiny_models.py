@@ -206,9 +206,9 @@ def build_sequence_classification(folder: Path, tokenizer: BertTokenizerFast, hi
     return _save(model, tokenizer, folder)
 
 
-def build_token_classification(folder: Path, tokenizer: BertTokenizerFast) -> Path:
+def build_token_classification(folder: Path, tokenizer: BertTokenizerFast, hidden_size: int = 32) -> Path:
     torch.manual_seed(SEED + 1)
-    model = BertForTokenClassification(_bert_config(tokenizer, **_labels(NER_LABELS)))
+    model = BertForTokenClassification(_bert_config(tokenizer, hidden_size=hidden_size, **_labels(NER_LABELS)))
     return _save(model, tokenizer, folder)
 
 
