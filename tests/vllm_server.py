@@ -1,8 +1,8 @@
 """`bentoml serve` on vLLM's CPU engine for the slow vLLM tests (tests/test_vllm_openai.py, test_vllm_pooling.py).
 
-The engine runs in the service's process (no engine-core subprocess to outlive a test), with a 1 GiB KV cache
-so that several servers fit the machine; each server has its own BENTOML_HOME, which keeps its Prometheus
-files apart from other servers'.
+The model runs in vLLM's engine-core process itself (VLLM_ENABLE_V1_MULTIPROCESSING=0: no further worker
+process, so the engine starts in seconds), with a 1 GiB KV cache so that several servers fit the machine; each
+server has its own BENTOML_HOME, which keeps its Prometheus files apart from other servers'.
 """
 
 from __future__ import annotations
