@@ -42,7 +42,6 @@ from routes.openapi import install_bentoml_openapi, install_openapi
 from settings.arguments import ArgumentError, ServerArguments, parse_arguments
 from settings.loading import ModelLoadError, ModelSource, apply_log_config, apply_torch_threads, inspect_model
 from settings.model_store import stored_model_path
-from settings.parallelism import settle_parallelism
 from settings.tasks import TaskError
 
 logger = logging.getLogger("hf_bentoml_server")
@@ -66,7 +65,6 @@ def _settle_model() -> tuple[ServerArguments, ModelSource]:
         if args.configure_logging and args.log_config_file:
             apply_log_config(args.log_config_file)  # after BentoML's own set-up, which runs before this import
         source = inspect_model(args)
-        args = settle_parallelism(args, source)  # workers and torch threads, now that the model is known
         if source.task.is_generative and args.predictor_host:
             raise ModelLoadError("predictor_host serves encoder tasks; generative models run in this server")
         if args.backend == "vllm":

@@ -4,8 +4,8 @@ One run measures, for each scenario, both servers at concurrency 1, 8 and 32 (cl
 when installed), `--reps` times interleaved so drift hits both alike, and reports medians; then the
 in-process ceiling (tokenize + forward + pool, best batch) of the same model, `--reps` times, with
 the median per batch size: in one process with torch's threads (the issue's ceiling), and in one
-single-threaded process per core running at once (the way this server runs these models by default,
-settings/parallelism.py; the higher of the two on few cores). Scenarios:
+single-threaded process per core running at once (a stricter reference: the most these cores do with this
+model). Scenarios:
 
 - `embed`: all-MiniLM-L6-v2 (the embedded default), one sentence per request (V1 predict / `/embed`);
 - `embed-8`: the same, eight sentences per request;
@@ -21,6 +21,7 @@ the issue's targets, writes JSON and one PNG chart per scenario to benchmarks/re
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from collections.abc import Callable
@@ -36,7 +37,6 @@ from benchmarks.encoder_ceiling import inputs_per_second, per_core_inputs_per_se
 from benchmarks.load import closed_loop, generator_name
 from benchmarks.report import print_table, write_results
 from settings.loading import default_model_dir
-from settings.parallelism import MAX_AUTO_WORKERS, usable_cores
 from tests.server_process import ServerProcess
 
 SENTENCE = "This is sentence number 7, about the weather in Paris and the price of bread."
@@ -80,7 +80,7 @@ def classifier_dir() -> Path:
 
 def start_servers(scenario: Scenario, folder: Path, logs: Path) -> dict[str, tuple[ServerProcess, str]]:
     """Both servers, ready, with the URL each is measured on."""
-    ours = ServerProcess({"model_dir": str(folder)}, logs / f"this-{scenario.name}.log", default_workers=True)
+    ours = ServerProcess({"model_dir": str(folder)}, logs / f"this-{scenario.name}.log")
     plain = ServerProcess(
         {},
         logs / f"plain-{scenario.name}.log",
@@ -169,12 +169,10 @@ def main() -> None:
     options = parser.parse_args()
     logs = Path("/tmp/hf-serve-bench")
     logs.mkdir(parents=True, exist_ok=True)
-    cores = usable_cores()
+    cores = len(os.sched_getaffinity(0))
     print(f"load generator: {generator_name()}; torch threads: {torch.get_num_threads()}; cores: {cores}")
 
     figures: dict[str, Any] = {"generator": generator_name(), "seconds": options.seconds, "reps": options.reps}
-    # This server's defaults (settings/parallelism.py): one single-threaded worker per core for these models.
-    figures["this_server_workers"] = min(cores, MAX_AUTO_WORKERS)
     summary_rows, target_rows = [], []
     for name in options.scenario or list(SCENARIOS):
         scenario = SCENARIOS[name]

@@ -25,10 +25,10 @@ answering (health checks, new requests) while a forward pass runs. The pipeline:
   requests are still being read and parsed on the event loop: taking only what is ready then alternates
   full batches with tiny ones (a 1-row pass costs a third of a 32-row one here), and the requests in the
   tiny ones wait for both. So once the ready queue is empty, the forward thread waits while the server
-  holds requests that are not in the batcher yet (in flight minus inside), for at most half the last pass
-  and 50 ms. Measured on all-MiniLM-L6-v2, one sentence per request: at c=32 the p99 fell from 2-7x the
-  p50 to ~1.5x at equal or better throughput, at c=8 throughput rose ~20%; at c=1 nothing is on the way,
-  so nothing waits.
+  holds requests that are not ready yet (in flight minus inside, plus those in a tokenizer lane), for at
+  most half the last pass and 50 ms. Measured on all-MiniLM-L6-v2, one sentence per request: at c=32 the
+  p99 fell from 2-7x the p50 to ~1.5x at equal or better throughput, at c=8 throughput rose ~20%; at c=1
+  nothing is on the way, so nothing waits.
 - A caller that left (its future cancelled) is skipped at every stage: before preparing and before running.
 
 Why arrival order still holds. The forward thread's batches are FIFO as above. The express lane takes small
@@ -111,6 +111,7 @@ class MicroBatcher(Generic[Work, Result]):
         express_after_cost: int | None = None,
         thread_setup: Callable[[bool], None] | None = None,
         arriving: Callable[[], int] | None = None,
+        on_pass: Callable[[int, float, bool], None] | None = None,
         name: str = "batcher",
     ) -> None:
         self._process = process
@@ -138,7 +139,9 @@ class MicroBatcher(Generic[Work, Result]):
         # those not inside the batcher are being read, parsed or answered on the event loop (see _collect).
         self._arriving = arriving
         self._inside = 0  # requests submitted whose submit() has not returned
+        self._preparing = 0  # requests submitted and not yet ready (in a tokenizer lane); under _ready_changed
         self._last_pass_s = 0.0
+        self._on_pass = on_pass  # (rows, seconds, express) after each pass, e.g. metrics
         self._thread_setup = thread_setup
         self._threads = [
             threading.Thread(target=self._tokenize_loop, args=(lane,), name=f"{name}-prepare-{lane}", daemon=True)
@@ -181,6 +184,8 @@ class MicroBatcher(Generic[Work, Result]):
         pending: _Pending[Work, Result] = _Pending(work, size, loop.create_future(), loop)
         lane = LARGE_LANE if self._is_large is not None and self._is_large(work) else SMALL_LANE
         self._inside += 1  # only ever changed on the event loop's thread
+        with self._ready_changed:
+            self._preparing += 1
         self._lanes[lane].put(pending)
         try:
             # If the caller is cancelled (client gone), the future is cancelled and every stage skips it.
@@ -210,6 +215,7 @@ class MicroBatcher(Generic[Work, Result]):
                 return
             if item.future.cancelled():  # the client left while its request waited to be tokenized
                 self._release([item])
+                self._prepared(None)
                 continue
             try:
                 prepared = self._prepare(item.work, lane)
@@ -221,13 +227,20 @@ class MicroBatcher(Generic[Work, Result]):
             if isinstance(prepared, ServingError):
                 self._release([item])
                 _resolve(item, prepared)
+                self._prepared(None)
                 continue
             item.prepared = prepared
             if self._cost is not None:
                 item.rows, item.length = self._cost(prepared)
-            with self._ready_changed:
+            self._prepared(item)
+
+    def _prepared(self, item: _Pending[Work, Result] | None) -> None:
+        """One item left its tokenizer lane: ready (`item`), or answered or dropped there (None)."""
+        with self._ready_changed:
+            self._preparing -= 1
+            if item is not None:
                 self._ready.append(item)
-                self._ready_changed.notify_all()  # both forward threads may be waiting for it
+            self._ready_changed.notify_all()  # both forward threads may be waiting for it (or for the count)
 
     # --- stage 2: forward passes, FIFO, with an express lane beside long ones ---
 
@@ -237,8 +250,8 @@ class MicroBatcher(Generic[Work, Result]):
             return False
         return self.max_batch_tokens is None or rows * length <= self.max_batch_tokens
 
-    def _collect(self) -> tuple[list[_Pending[Work, Result]], int] | None:
-        """The next batch in ready order and its cost (rows x padded length); None once closing.
+    def _collect(self) -> tuple[list[_Pending[Work, Result]], bool] | None:
+        """The next batch in ready order and whether it is large (opens the express lane); None once closing.
 
         Waits up to max_wait_s to fill it. Called with the condition's lock free; returns with it free.
         """
@@ -279,10 +292,11 @@ class MicroBatcher(Generic[Work, Result]):
             cost = rows * length
             # A batch of small items is short however full (its rows are short): the lane stays shut beside it,
             # so a stream of small requests is batched exactly as without the lane.
-            if self.express_cost is not None and not small_batch and cost > self.express_after_cost:
+            large = self.express_cost is not None and not small_batch and cost > self.express_after_cost
+            if large:
                 self._large_running = True  # cleared by _forward_loop once the batch is done
                 self._ready_changed.notify_all()
-            return batch, cost
+            return batch, large
 
     def _forward_loop(self, set_up: threading.Event) -> None:
         self._set_up(False, set_up)
@@ -290,20 +304,25 @@ class MicroBatcher(Generic[Work, Result]):
             collected = self._collect()
             if collected is None:
                 return
+            batch, large = collected
             started = time.perf_counter()
+            live: list[_Pending[Work, Result]] = []
             try:
-                self._run_live(collected[0])
+                live = self._run_live(batch)
             finally:
                 self._last_pass_s = time.perf_counter() - started
-                with self._ready_changed:
-                    self._large_running = False
+                if large:
+                    with self._ready_changed:
+                        self._large_running = False
+            self._observe(live, self._last_pass_s, express=False)
 
     def _requests_on_the_way(self) -> int:
-        """Requests the server holds that are not in the batcher: being read or parsed (bound for it, under
-        load), or being answered (their clients will be back soon in a closed loop)."""
+        """Requests bound for the next batch and not ready yet: those the server holds outside the batcher
+        (being read or parsed, bound for it under load, or being answered, whose clients will be back soon in a
+        closed loop), and those in a tokenizer lane. Called with _ready_changed held."""
         if self._arriving is None:
             return 0
-        return self._arriving() - self._inside
+        return self._arriving() - self._inside + self._preparing
 
     def _is_small(self, item: _Pending[Work, Result]) -> bool:
         return self.express_cost is not None and item.rows * item.length <= self.express_cost
@@ -349,13 +368,25 @@ class MicroBatcher(Generic[Work, Result]):
             batch = self._collect_express()
             if batch is None:
                 return
-            self._run_live(batch)
+            started = time.perf_counter()
+            live = self._run_live(batch)
+            self._observe(live, time.perf_counter() - started, express=True)
 
-    def _run_live(self, batch: list[_Pending[Work, Result]]) -> None:
+    def _observe(self, batch: list[_Pending[Work, Result]], seconds: float, express: bool) -> None:
+        if self._on_pass is None or not batch:
+            return
+        try:
+            self._on_pass(sum(item.rows for item in batch), seconds, express)
+        except Exception:  # metrics never stop the forward thread
+            logger.exception("observing a forward pass failed")
+
+    def _run_live(self, batch: list[_Pending[Work, Result]]) -> list[_Pending[Work, Result]]:
+        """Runs the items whose callers are still there; returns them."""
         self._release(batch)
         live = [item for item in batch if not item.future.cancelled()]
         if live:
             self._run_batch(live)
+        return live
 
     def _run_batch(self, batch: list[_Pending[Work, Result]]) -> None:
         works = [item.prepared if item.prepared is not None else item.work for item in batch]

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from engines.batch_metrics import pass_observer
 from engines.batcher import MicroBatcher
 from engines.memory import freeze_startup_objects
 from handlers.base import PredictiveHandler, is_pair
@@ -105,6 +106,7 @@ class PredictiveRuntime:
             max_wait_s=self.args.max_wait_ms / 1000,
             max_queue_size=self.args.max_queue_size,
             arriving=self.requests_in_flight,
+            on_pass=pass_observer(self.args.model_name),
             name=f"batcher-{self.args.model_name}",
         )
         freeze_startup_objects()

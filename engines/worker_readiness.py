@@ -1,7 +1,7 @@
 """Readiness across BentoML's worker processes: the server is ready once every worker has its model loaded.
 
 BentoML's workers share one listening socket, so a readiness probe is answered by whichever worker accepts it.
-With several workers (settings/parallelism.py), one that has loaded its model would say "ready" while another
+With several workers (`workers`), one that has loaded its model would say "ready" while another
 still answers 503 to the requests it accepts. So each worker, once loaded, leaves a marker named by its process
 id in a folder that its siblings share (named by their common parent, BentoML's arbiter), and says ready only
 when it counts as many live markers as there are workers. A worker that dies leaves a marker whose process is

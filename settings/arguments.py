@@ -222,12 +222,7 @@ class ServerArguments(BaseModel):
         le=65535,
         description="Port of the Open Inference Protocol gRPC service (KServe: 8081); off when unset.",
     )
-    workers: int | None = Field(
-        None,
-        gt=0,
-        description="BentoML worker processes (KServe's --workers). Unset: one per CPU core, each with one torch "
-        "thread, for an encoder of at most 256 MB on CPU; else 1 (settings/parallelism.py).",
-    )
+    workers: int = Field(1, gt=0, description="BentoML worker processes (KServe's --workers).")
     gpus: int = Field(
         0,
         ge=0,

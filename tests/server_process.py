@@ -32,20 +32,12 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         serve_options: list[str] | None = None,
         port_flag: str = "--http_port",
-        default_workers: bool = False,
     ) -> None:
-        """`bentoml serve` with `--arg` flags and `serve_options`; or `command`, given the port as `port_flag`.
-
-        One worker unless `args` name `workers` or `default_workers` asks for the server's own choice (one per
-        core for a small encoder, settings/parallelism.py): on two cores, a worker per core doubles every test
-        server's start. tests/test_parallelism.py and the throughput benchmark serve the default.
-        """
+        """`bentoml serve` with `--arg` flags and `serve_options`; or `command`, given the port as `port_flag`."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         if command is None:
-            if not default_workers:
-                args = {"workers": "1", **args}
             arg_flags = [flag for name, value in args.items() for flag in ("--arg", f"{name}={value}")]
             base = [BENTOML, "serve", "service:HuggingFaceService", "--host", "127.0.0.1"]
             self.command = [*base, "--port", str(self.port), *arg_flags, *(serve_options or [])]

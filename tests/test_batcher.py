@@ -67,6 +67,37 @@ def test_a_full_queue_is_overloaded_and_a_gone_caller_is_skipped():
     assert ran == [1, 3]
 
 
+def test_each_pass_is_reported_with_the_rows_it_ran():
+    """on_pass (the batch-size and pass-time metrics) gets each pass's live rows: a gone caller is not counted."""
+    passes: list[tuple[int, bool]] = []
+    gate = threading.Event()
+
+    def process(works: list[int]) -> list[int]:
+        gate.wait(5)
+        return works
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        process,
+        max_batch_size=8,
+        max_wait_s=0,
+        max_queue_size=100,
+        on_pass=lambda rows, seconds, express: passes.append((rows, express)),
+    )
+
+    async def run() -> None:
+        first = asyncio.ensure_future(batcher.submit(0))
+        await asyncio.sleep(0.05)
+        rest = [asyncio.ensure_future(batcher.submit(w)) for w in (1, 2, 3)]
+        await asyncio.sleep(0.05)
+        rest[1].cancel()  # left while queued
+        gate.set()
+        await asyncio.gather(first, rest[0], rest[2])
+
+    asyncio.run(run())
+    batcher.close()
+    assert passes == [(1, False), (2, False)]
+
+
 # --- the pipeline: tokenizer lanes before a FIFO forward stage ---
 
 
@@ -370,7 +401,10 @@ def test_requests_on_their_way_fill_the_batch_and_the_wait_is_bounded(monkeypatc
     (instead of running a one-item pass), and never longer than the fill bound."""
     import engines.batcher as batcher_module
 
-    monkeypatch.setattr(batcher_module, "FILL_WAIT_MAX_S", 10.0)  # wide margins: structure, not timing
+    # Wide margins, structure not timing: after a 1 s pass the fill may wait 8 s, which even a starved event loop
+    # (a loaded machine, a GC pause) outlasts; without the fill the batch would start at once with one item.
+    monkeypatch.setattr(batcher_module, "FILL_WAIT_MAX_S", 10.0)
+    monkeypatch.setattr(batcher_module, "FILL_WAIT_FRACTION", 8.0)
     gc.collect()  # earlier tests' models: no full collection pauses the loop between the submissions
     seen: list[list[int]] = []
     in_flight = {"count": 0}
@@ -378,7 +412,7 @@ def test_requests_on_their_way_fill_the_batch_and_the_wait_is_bounded(monkeypatc
     def process(works: list[int]) -> list[int]:
         seen.append(works)
         if works == [0]:
-            threading.Event().wait(3.0)  # the last pass's length bounds the next fill: half of it
+            threading.Event().wait(1.0)  # the last pass's length bounds the next fill (FILL_WAIT_FRACTION of it)
         return works
 
     batcher: MicroBatcher[int, int] = MicroBatcher(
@@ -386,7 +420,7 @@ def test_requests_on_their_way_fill_the_batch_and_the_wait_is_bounded(monkeypatc
     )
 
     async def run() -> None:
-        await batcher.submit(0)  # a 3 s pass: the next fill may wait up to 1.5 s, far past any GC pause here
+        await batcher.submit(0)  # a 1 s pass: the next fill may wait up to 8 s
         in_flight["count"] = 4  # four requests received; one is submitted now, three are still being parsed
         first = asyncio.ensure_future(batcher.submit(1))
         await asyncio.sleep(0.05)

@@ -261,6 +261,28 @@ def test_metrics_have_per_model_latency_histograms(servers):
         assert counts.get(f"request_{stage}_seconds_count", 0) >= 1, counts
 
 
+def test_metrics_have_the_batchers_rows_and_pass_times(servers):
+    """engines/batch_metrics.py: each forward pass observed once, with its rows, on the forward lane."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = servers["sequence_classification"]
+
+    def samples() -> dict[str, float]:
+        return {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(httpx.get(url + "/metrics").text)
+            for sample in family.samples
+            if sample.labels.get("model_name") == "sst" and sample.labels.get("lane") == "forward"
+        }
+
+    before = samples()
+    predict_v1(url, "sst", ["one", "two", "three"])  # one request of three inputs: one pass of three rows
+    after = samples()
+    assert after["encoder_batch_rows_count"] - before.get("encoder_batch_rows_count", 0) == 1
+    assert after["encoder_batch_rows_sum"] - before.get("encoder_batch_rows_sum", 0) == 3
+    assert after["encoder_forward_pass_seconds_count"] - before.get("encoder_forward_pass_seconds_count", 0) == 1
+
+
 # --- errors: each a clear 4xx, and the server keeps answering ---
 
 
