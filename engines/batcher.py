@@ -53,6 +53,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from engines.os_threads import name_os_thread
 from handlers.errors import Overloaded, ServingError
 
 logger = logging.getLogger(__name__)
@@ -163,6 +164,7 @@ class MicroBatcher(Generic[Work, Result]):
         set_up.wait()
 
     def _set_up(self, express: bool, set_up: threading.Event) -> None:
+        name_os_thread("hf-express" if express else "hf-forward")  # the OpenMP threads it starts inherit it
         try:
             if self._thread_setup is not None:
                 self._thread_setup(express)
@@ -209,6 +211,7 @@ class MicroBatcher(Generic[Work, Result]):
     # --- stage 1: preparing (tokenizing), off the forward thread ---
 
     def _tokenize_loop(self, lane: int) -> None:
+        name_os_thread(f"hf-tokenize-{lane}")
         while True:
             item = self._lanes[lane].get()
             if item is None:

@@ -165,8 +165,7 @@ def test_batches_keep_ready_order_and_a_large_item_is_not_overtaken():
         await asyncio.sleep(0.05)
         rest = []
         for name in names:  # submitted one by one, so the ready order is this order
-            rest.append(asyncio.ensure_future(batcher.submit((name, 1, 64 if name == "wide" else 8))))
-            await asyncio.sleep(0.01)
+            rest.append(await _submitted_and_prepared(batcher, (name, 1, 64 if name == "wide" else 8)))
         gate.set()
         return await asyncio.gather(first, *rest)
 
@@ -230,6 +229,16 @@ def _express_pipeline(process, **options):
     return _pipeline(process, lambda work, lane: work, express_cost=32, express_after_cost=128, **options)
 
 
+async def _submitted_and_prepared(batcher: MicroBatcher, work: object, size: int = 1) -> asyncio.Future:
+    """Submits `work` and returns once it has left its tokenizer lane (ready, or taken): submitted one by one
+    this way, items become ready in submission order however slowly the lanes' threads are scheduled."""
+    future = asyncio.ensure_future(batcher.submit(work, size=size))
+    await asyncio.sleep(0)  # submit() runs up to its queueing
+    while batcher._preparing:
+        await asyncio.sleep(0.002)
+    return future
+
+
 async def _wait_for(event: threading.Event) -> None:
     while not event.is_set():
         await asyncio.sleep(0.01)
@@ -246,8 +255,7 @@ def test_small_requests_run_beside_a_large_batch_in_arrival_order():
         await _wait_for(process.big_running)
         small = []
         for i in range(4):  # one by one, so the ready order is this order
-            small.append(asyncio.ensure_future(batcher.submit((f"s{i}", 1, 8))))
-            await asyncio.sleep(0.01)
+            small.append(await _submitted_and_prepared(batcher, (f"s{i}", 1, 8)))
         answered = await asyncio.gather(*small)
         big_still_running = not big.done()
         process.release.set()
@@ -285,8 +293,7 @@ def test_the_express_lane_leaves_large_items_to_the_forward_thread_and_stays_shu
         rest = []
         # A second large item and a wide one (over express_cost) queue behind it with small ones.
         for name, length in [("big2", 128), ("b", 8), ("wide", 64), ("c", 8)]:
-            rest.append(asyncio.ensure_future(batcher.submit((name, 1, length))))
-            await asyncio.sleep(0.01)
+            rest.append(await _submitted_and_prepared(batcher, (name, 1, length)))
         small = await asyncio.gather(rest[1], rest[3])
         big2_waiting, wide_waiting = not rest[0].done(), not rest[2].done()
         process.release.set()
@@ -346,8 +353,7 @@ def test_with_the_express_lane_small_items_never_share_a_large_items_batch():
         await asyncio.sleep(0.05)
         queued = []
         for name, rows, length in [("a", 1, 8), ("big", 2, 128), ("b", 1, 8)]:  # all fit one budget
-            queued.append(asyncio.ensure_future(batcher.submit((name, rows, length), size=rows)))
-            await asyncio.sleep(0.01)
+            queued.append(await _submitted_and_prepared(batcher, (name, rows, length), size=rows))
         gate.set()
         await _wait_for(process.big_running)
         answered = [await first, await queued[0], await queued[2]]  # while the large batch is held
