@@ -19,6 +19,7 @@ from handlers.errors import InvalidInput
 from protocols.openai import create_chat_completion, create_completion
 from settings.arguments import parse_arguments
 from settings.loading import ModelLoadError, inspect_model
+from tests.tiny_decoders import start_backend
 
 PROMPTS = [
     "Paris is the capital of France and the river",
@@ -28,24 +29,16 @@ PROMPTS = [
 ]
 
 
-def _backend(path: Path, **given: Any) -> TransformersBackend:
-    args = parse_arguments({"model_dir": str(path), "backend": "huggingface", **given}, environ={})
-    backend = build_generation_backend(inspect_model(args), args)
-    assert isinstance(backend, TransformersBackend)
-    asyncio.run(backend.start())
-    return backend
-
-
 @pytest.fixture(scope="module")
 def llama(tiny_models: dict[str, Path]) -> Iterator[TransformersBackend]:
-    backend = _backend(tiny_models["llama"])
+    backend = start_backend(tiny_models["llama"])
     yield backend
     asyncio.run(backend.stop())
 
 
 @pytest.fixture(scope="module")
 def t5(tiny_models: dict[str, Path]) -> Iterator[TransformersBackend]:
-    backend = _backend(tiny_models["t5"])
+    backend = start_backend(tiny_models["t5"])
     yield backend
     asyncio.run(backend.stop())
 
