@@ -42,21 +42,25 @@ def inputs_per_second(folder: Path, task: str, text: str, batch_sizes: list[int]
     tokenizer, model = load_encoder(folder, task)
     rates: dict[int, float] = {}
     for size in tqdm(batch_sizes, desc=f"in-process ceiling ({task})", unit="batch size", leave=False):
-        batch = [text] * size
-        run_batch(tokenizer, model, task, batch)
-        done, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            run_batch(tokenizer, model, task, batch)
-            done += size
-        rates[size] = done / (time.perf_counter() - started)
+        run_batch(tokenizer, model, task, [text] * size)
+        rates[size] = _rate(tokenizer, model, task, [text] * size, seconds)
     return rates
+
+
+def _rate(tokenizer: object, model: torch.nn.Module, task: str, batch: list[str], seconds: float) -> float:
+    """Inputs/s of `run_batch` on `batch`, repeated for `seconds`."""
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        run_batch(tokenizer, model, task, batch)
+        done += len(batch)
+    return done / (time.perf_counter() - started)
 
 
 def per_core_inputs_per_second(
     folder: Path, task: str, text: str, batch_sizes: list[int], seconds: float, processes: int
 ) -> dict[int, float]:
-    """The same loop in `processes` processes at once, one torch thread each (as the server's one worker per
-    core runs it): their summed inputs/s per batch size. Each loads and warms up first, then all start together."""
+    """The same loop in `processes` processes at once, one torch thread each: their summed inputs/s per batch
+    size. Each loads and warms up first, then all start together."""
     command = [sys.executable, "-m", "benchmarks.encoder_ceiling", str(folder), task, text, str(seconds)]
     command += [str(size) for size in batch_sizes]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -88,14 +92,7 @@ def _one_process_of_several() -> None:
         run_batch(tokenizer, model, task, [text] * int(size))
     print("ready", flush=True)
     sys.stdin.readline()
-    rates: dict[int, float] = {}
-    for size in map(int, sizes):
-        batch = [text] * size
-        done, started = 0, time.perf_counter()
-        while time.perf_counter() - started < float(seconds):
-            run_batch(tokenizer, model, task, batch)
-            done += size
-        rates[size] = done / (time.perf_counter() - started)
+    rates = {size: _rate(tokenizer, model, task, [text] * int(size), float(seconds)) for size in sizes}
     print(json.dumps(rates), flush=True)
 
 
