@@ -13,6 +13,8 @@ import threading
 import time
 from collections.abc import Callable
 
+import torch
+
 from engines.batch_metrics import pass_observer
 from engines.batcher import MicroBatcher
 from engines.memory import freeze_startup_objects
@@ -92,11 +94,13 @@ class PredictiveRuntime:
         # full-length row, instead of waiting for all of it (see engines/batcher.py).
         express_after = max(1, self.source.max_model_len // 2)
         express = self.handler.concurrent_forward
+        lanes = self.forward_lanes()
         self._batcher = MicroBatcher(
             self.handler.run,
             express_cost=max(1, express_after // 4) if express else None,
             express_after_cost=express_after,
             thread_setup=forward_thread_setup(),
+            forward_lanes=lanes,
             prepare=prepare,
             cost=lambda encoded: encoded.cost,
             is_large=lambda work: sum(map(input_size, work[0])) > large_chars,
@@ -112,11 +116,22 @@ class PredictiveRuntime:
         freeze_startup_objects()
         self._ready.set()
         logger.info(
-            "model '%s' (%s) ready in %.1f s",
+            "model '%s' (%s) ready in %.1f s: %s, %d forward lane(s)",
             self.args.model_name,
             self.source.task.value,
             time.perf_counter() - started,
+            "traced (TorchScript)" if self.handler.traced is not None else "eager",
+            lanes,
         )
+
+    def forward_lanes(self) -> int:
+        """Forward passes at once: the argument, else one per torch thread when passes are traced (they hold no
+        GIL, handlers/traced.py), else 1. Only a model whose passes may run concurrently gets more than one."""
+        if not self.handler.concurrent_forward:
+            return 1
+        if self.args.forward_lanes is not None:
+            return self.args.forward_lanes
+        return torch.get_num_threads() if self.handler.traced is not None else 1
 
     def _load(self) -> None:
         try:

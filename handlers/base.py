@@ -19,6 +19,7 @@ from engines import remote_predictor
 from handlers.encoding import Encoded, TextCutter, pad_rows
 from handlers.errors import ServingError
 from handlers.requests import PredictOptions, TaskResult, TensorSpec, TextInput
+from handlers.traced import TracedForward, trace_encoder
 from settings.arguments import ServerArguments
 from settings.loading import ModelSource, attention_choice
 from settings.tasks import Task
@@ -61,6 +62,7 @@ class PredictiveHandler(ABC):
         self.max_length = source.max_model_len  # tokens kept of each input (subclasses may lower it)
         self.model: PreTrainedModel | None = None
         self.remote: remote_predictor.RemotePredictor | None = None  # with predictor_host: the forward pass runs there
+        self.traced: TracedForward | None = None  # the model's pass traced with TorchScript (handlers/traced.py)
         # Forward passes are serialised unless `concurrent_forward` (a local CPU model, see there).
         self._lock = threading.Lock()
         self._cutters: dict[int, TextCutter] = {}
@@ -83,6 +85,8 @@ class PredictiveHandler(ABC):
         model.eval()
         self.check_model(model)
         self.model = model
+        if self.args.encoder_runtime == "torchscript" and self.source.device.type == "cpu":
+            self.traced = trace_encoder(model, self.tokenizer, self.output_field)
 
     @property
     def concurrent_forward(self) -> bool:
@@ -260,6 +264,10 @@ class PredictiveHandler(ABC):
         if self.remote is not None:
             return self.remote.infer(model_inputs)
         assert self.model is not None
+        if self.traced is not None:
+            output = self.traced(model_inputs)
+            if output is not None:
+                return output
         return getattr(self.model(**model_inputs), self.output_field)
 
     def forward(self, model_inputs: dict[str, torch.Tensor]) -> torch.Tensor:

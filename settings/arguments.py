@@ -211,6 +211,18 @@ class ServerArguments(BaseModel):
     torch_threads: int | None = Field(
         None, gt=0, description="torch intra-op threads; torch's default when unset. 1 suits small models on few cores."
     )
+    encoder_runtime: Literal["torchscript", "eager"] = Field(
+        "torchscript",
+        description="How encoders run on CPU. torchscript: the model's pass traced once at start and checked "
+        "against eager outputs (a model that fails either serves eagerly, logged); traced passes hold no GIL, so "
+        "forward lanes use every core. eager: plain transformers calls. GPUs always run eagerly.",
+    )
+    forward_lanes: int | None = Field(
+        None,
+        gt=0,
+        description="Encoder forward passes run at once on CPU, each on one torch thread. Unset: one per torch "
+        "thread when the pass is traced (encoder_runtime), else one pass on all torch threads.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
     access_log: bool = Field(False, description="Log one line per HTTP request (BentoML's access log).")
     tracing: bool = Field(

@@ -73,18 +73,19 @@ def apply_torch_threads(args: ServerArguments) -> None:
 
 
 def forward_thread_setup() -> Callable[[bool], None]:
-    """Sets torch's intra-op threads on each batcher forward thread: the express lane's on one thread.
+    """Sets torch's intra-op threads on each batcher forward thread: one on a single-threaded one.
 
     With OpenMP, torch.set_num_threads sets the calling thread's own pool size, but it also becomes the
     default of threads that have not run torch yet; the batcher calls the express thread's setup first so
     the forward thread's (the count in force now) is the default that stays. The express lane runs short
     passes that gain little from a second thread, and beside a long pass that already takes the cores,
-    one thread adds the least oversubscription (3 threads on 2 cores instead of 4).
+    one thread adds the least oversubscription (3 threads on 2 cores instead of 4). Several forward lanes
+    (engines/batcher.py) run one thread each: one pass per core.
     """
     threads = torch.get_num_threads()
 
-    def setup(express: bool) -> None:
-        torch.set_num_threads(1 if express else threads)
+    def setup(single_threaded: bool) -> None:
+        torch.set_num_threads(1 if single_threaded else threads)
 
     return setup
 
