@@ -4,7 +4,9 @@ What the model costs on this machine with nothing in front of it, measured in th
 servers so ratios compare. Plain transformers calls, as the plain BentoML peer makes them: in one process with
 torch's threads (`inputs_per_second`), and in one single-threaded process per core at once
 (`per_core_inputs_per_second`): what the cores give with no OpenMP threads sharing a pass and no GIL shared
-(on 2 cores ~1.2x the first for all-MiniLM-L6-v2), the best this hardware does with this model.
+(on 2 cores ~1.2x the first for all-MiniLM-L6-v2), the best this hardware does with this model; and the
+server's own runtime with nothing in front (`traced_lanes_inputs_per_second`): the model traced as the server
+traces it (handlers/traced.py), one single-threaded loop per core on threads of one process.
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+from handlers.traced import trace_encoder
 
 
 def load_encoder(folder: Path, task: str) -> tuple[object, torch.nn.Module]:
@@ -81,6 +87,49 @@ def per_core_inputs_per_second(
             if child.poll() is None:
                 child.kill()
     return {size: sum(result[str(size)] for result in results) for size in batch_sizes}
+
+
+class _TracedModel:
+    """A traced pass called as `run_batch` calls a model."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: object, task: str) -> None:
+        self.field = "logits" if task == "classify" else "last_hidden_state"
+        traced = trace_encoder(model, tokenizer, self.field)
+        assert traced is not None, "the model did not trace (see the log)"
+        self.traced = traced
+
+    def __call__(self, **inputs: torch.Tensor) -> SimpleNamespace:
+        output = self.traced(inputs)
+        assert output is not None, f"inputs {sorted(inputs)} are not the traced ones"
+        return SimpleNamespace(**{self.field: output})
+
+
+def traced_lanes_inputs_per_second(
+    folder: Path, task: str, text: str, batch_sizes: list[int], seconds: float, lanes: int
+) -> dict[int, float]:
+    """Summed inputs/s of `lanes` threads each running `run_batch` on the traced model with one torch thread,
+    per batch size: what the server's runtime does with nothing in front of it. Run it after the other
+    ceilings: it leaves torch's default thread count at 1 for threads that have not run torch yet."""
+    tokenizer, model = load_encoder(folder, task)
+    traced = _TracedModel(model, tokenizer, task)
+    rates: dict[int, float] = {}
+    for size in batch_sizes:
+        done = [0.0] * lanes
+
+        def lane(index: int, batch: list[str] = [text] * size) -> None:
+            torch.set_num_threads(1)
+            run_batch(tokenizer, traced, task, batch)  # warm-up
+            barrier.wait()
+            done[index] = _rate(tokenizer, traced, task, batch, seconds)
+
+        barrier = threading.Barrier(lanes)
+        threads = [threading.Thread(target=lane, args=(index,)) for index in range(lanes)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        rates[size] = sum(done)
+    return rates
 
 
 def _one_process_of_several() -> None:

@@ -33,8 +33,8 @@ answering (health checks, new requests) while a forward pass runs. The pipeline:
   each on one torch thread (`thread_setup(True)`), one collecting at a time so lanes never split a batch.
   On a CPU, small passes gain little from a second OpenMP thread; one single-threaded pass per core does
   more (all-MiniLM-L6-v2, 2 cores, one sentence per request at c=32: 270-281 req/s against 238 on one lane),
-  provided the passes hold no GIL (a traced model, handlers/traced.py). With lanes there is no waiting for
-  requests on their way: a lane waiting leaves its core idle while the others run.
+  provided the passes hold no GIL (a traced model, handlers/traced.py). A lane waits for requests on their
+  way (below) only while no other lane runs a pass: waiting beside a running pass would leave its core idle.
 - A caller that left (its future cancelled) is skipped at every stage: before preparing and before running.
 
 Why arrival order still holds. The forward thread's batches are FIFO as above. The express lane takes small
@@ -52,14 +52,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from engines.os_threads import name_os_thread
+from engines.tokenizer_stage import Pending, TokenizerStage, resolve
 from handlers.errors import Overloaded, ServingError
 
 logger = logging.getLogger(__name__)
@@ -67,24 +66,11 @@ logger = logging.getLogger(__name__)
 Work = TypeVar("Work")
 Result = TypeVar("Result")
 
-SMALL_LANE, LARGE_LANE = 0, 1
 # Filling a batch with requests on their way (see _collect): wait at most this fraction of the last pass,
 # and never more than FILL_WAIT_MAX_S, checking every FILL_POLL_S.
 FILL_WAIT_FRACTION = 0.5
 FILL_WAIT_MAX_S = 0.05
 FILL_POLL_S = 0.001
-
-
-@dataclass
-class _Pending(Generic[Work, Result]):
-    work: Work
-    size: int
-    future: asyncio.Future[Result]
-    loop: asyncio.AbstractEventLoop
-    queued_at: float = field(default_factory=time.perf_counter)
-    prepared: Any = None
-    rows: int = 1  # rows and padded length once prepared: what the item costs in a batch
-    length: int = 1
 
 
 def _identity(work: Any, lane: int) -> Any:
@@ -124,9 +110,6 @@ class MicroBatcher(Generic[Work, Result]):
         name: str = "batcher",
     ) -> None:
         self._process = process
-        self._prepare = prepare
-        self._cost = cost
-        self._is_large = is_large
         self._streams_results = streams_results
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
@@ -134,8 +117,7 @@ class MicroBatcher(Generic[Work, Result]):
         self.max_queue_size = max_queue_size
         self._queued_size = 0
         self._size_lock = threading.Lock()
-        self._lanes: list[queue.Queue[_Pending[Work, Result] | None]] = [queue.Queue(), queue.Queue()]
-        self._ready: collections.deque[_Pending[Work, Result]] = collections.deque()
+        self._ready: collections.deque[Pending[Work, Result]] = collections.deque()
         self._ready_changed = threading.Condition()
         self._closing = False
         self.express_cost = express_cost
@@ -144,6 +126,7 @@ class MicroBatcher(Generic[Work, Result]):
         if express_cost is not None and not 0 < express_cost <= self.express_after_cost:
             raise ValueError(f"express_cost={express_cost} must be positive and at most express_after_cost")
         self._large_passes = 0  # forward lanes running a batch above express_after_cost
+        self._passes_running = 0  # forward lanes running a batch; under _ready_changed
         self.forward_lanes = forward_lanes
         self._collecting = threading.Lock()  # one forward lane collects at a time, so lanes never split a batch
         # Filling batches with requests already received: `arriving()` counts the server's requests in flight;
@@ -154,12 +137,8 @@ class MicroBatcher(Generic[Work, Result]):
         self._last_pass_s = 0.0
         self._on_pass = on_pass  # (rows, seconds, express) after each pass, e.g. metrics
         self._thread_setup = thread_setup
-        self._threads = [
-            threading.Thread(target=self._tokenize_loop, args=(lane,), name=f"{name}-prepare-{lane}", daemon=True)
-            for lane in (SMALL_LANE, LARGE_LANE)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._tokenizers = TokenizerStage(prepare, cost, is_large, self._prepared, self._release, name)
+        self._threads = list(self._tokenizers.threads)
         # Each forward thread's setup must be done before the next starts: the express thread's first, so
         # the forward thread's (e.g. torch's process-wide default thread count) is the one that stays.
         if express_cost is not None:
@@ -194,12 +173,11 @@ class MicroBatcher(Generic[Work, Result]):
                 )
             self._queued_size += size
         loop = asyncio.get_running_loop()
-        pending: _Pending[Work, Result] = _Pending(work, size, loop.create_future(), loop)
-        lane = LARGE_LANE if self._is_large is not None and self._is_large(work) else SMALL_LANE
+        pending: Pending[Work, Result] = Pending(work, size, loop.create_future(), loop)
         self._inside += 1  # only ever changed on the event loop's thread
         with self._ready_changed:
             self._preparing += 1
-        self._lanes[lane].put(pending)
+        self._tokenizers.put(pending)
         try:
             # If the caller is cancelled (client gone), the future is cancelled and every stage skips it.
             return await pending.future
@@ -207,48 +185,20 @@ class MicroBatcher(Generic[Work, Result]):
             self._inside -= 1
 
     def close(self) -> None:
-        for lane in self._lanes:
-            lane.put(None)
+        self._tokenizers.close()
         with self._ready_changed:
             self._closing = True
             self._ready_changed.notify_all()
         for thread in self._threads:
             thread.join(timeout=5)
 
-    def _release(self, items: list[_Pending[Work, Result]]) -> None:
+    def _release(self, items: list[Pending[Work, Result]]) -> None:
         with self._size_lock:
             self._queued_size -= sum(item.size for item in items)
 
-    # --- stage 1: preparing (tokenizing), off the forward thread ---
+    # --- stage 1: preparing (tokenizing), off the forward threads (engines/tokenizer_stage.py) ---
 
-    def _tokenize_loop(self, lane: int) -> None:
-        name_os_thread(f"hf-tokenize-{lane}")
-        while True:
-            item = self._lanes[lane].get()
-            if item is None:
-                return
-            if item.future.cancelled():  # the client left while its request waited to be tokenized
-                self._release([item])
-                self._prepared(None)
-                continue
-            try:
-                prepared = self._prepare(item.work, lane)
-            except Exception as error:  # reported to the caller, the lane keeps running
-                if not isinstance(error, ServingError):
-                    logger.exception("preparing a request failed")
-                    error = ServingError(f"preparing the input failed: {type(error).__name__}: {error}")
-                prepared = error
-            if isinstance(prepared, ServingError):
-                self._release([item])
-                _resolve(item, prepared)
-                self._prepared(None)
-                continue
-            item.prepared = prepared
-            if self._cost is not None:
-                item.rows, item.length = self._cost(prepared)
-            self._prepared(item)
-
-    def _prepared(self, item: _Pending[Work, Result] | None) -> None:
+    def _prepared(self, item: Pending[Work, Result] | None) -> None:
         """One item left its tokenizer lane: ready (`item`), or answered or dropped there (None)."""
         with self._ready_changed:
             self._preparing -= 1
@@ -258,13 +208,13 @@ class MicroBatcher(Generic[Work, Result]):
 
     # --- stage 2: forward passes, FIFO, with an express lane beside long ones ---
 
-    def _fits(self, rows: int, length: int, item: _Pending[Work, Result]) -> bool:
+    def _fits(self, rows: int, length: int, item: Pending[Work, Result]) -> bool:
         rows, length = rows + item.rows, max(length, item.length)
         if rows > self.max_batch_size:
             return False
         return self.max_batch_tokens is None or rows * length <= self.max_batch_tokens
 
-    def _collect(self) -> tuple[list[_Pending[Work, Result]], bool] | None:
+    def _collect(self) -> tuple[list[Pending[Work, Result]], bool] | None:
         """The next batch in ready order and whether it is large (opens the express lane); None once closing.
 
         Waits up to max_wait_s to fill it. Called with the condition's lock free; returns with it free.
@@ -289,7 +239,7 @@ class MicroBatcher(Generic[Work, Result]):
                         break
                     if now < deadline:
                         self._ready_changed.wait(deadline - now)
-                    elif now < fill_deadline and self.forward_lanes == 1 and self._requests_on_the_way() > 0:
+                    elif now < fill_deadline and not self._passes_running and self._requests_on_the_way() > 0:
                         self._ready_changed.wait(min(FILL_POLL_S, fill_deadline - now))
                     else:
                         break
@@ -307,8 +257,9 @@ class MicroBatcher(Generic[Work, Result]):
             # A batch of small items is short however full (its rows are short): the lane stays shut beside it,
             # so a stream of small requests is batched exactly as without the lane.
             large = self.express_cost is not None and not small_batch and cost > self.express_after_cost
+            self._passes_running += 1  # both counted down by _forward_loop once the batch is done
             if large:
-                self._large_passes += 1  # counted down by _forward_loop once the batch is done
+                self._large_passes += 1
                 self._ready_changed.notify_all()
             return batch, large
 
@@ -321,14 +272,14 @@ class MicroBatcher(Generic[Work, Result]):
                 return
             batch, large = collected
             started = time.perf_counter()
-            live: list[_Pending[Work, Result]] = []
+            live: list[Pending[Work, Result]] = []
             try:
                 live = self._run_live(batch)
             finally:
                 self._last_pass_s = time.perf_counter() - started
-                if large:
-                    with self._ready_changed:
-                        self._large_passes -= 1
+                with self._ready_changed:
+                    self._passes_running -= 1
+                    self._large_passes -= int(large)
             self._observe(live, self._last_pass_s, express=False)
 
     def _requests_on_the_way(self) -> int:
@@ -339,10 +290,10 @@ class MicroBatcher(Generic[Work, Result]):
             return 0
         return self._arriving() - self._inside + self._preparing
 
-    def _is_small(self, item: _Pending[Work, Result]) -> bool:
+    def _is_small(self, item: Pending[Work, Result]) -> bool:
         return self.express_cost is not None and item.rows * item.length <= self.express_cost
 
-    def _collect_express(self) -> list[_Pending[Work, Result]] | None:
+    def _collect_express(self) -> list[Pending[Work, Result]] | None:
         """Small ready items, in ready order, to run beside the forward thread's large batch; None once closing.
 
         Items it may not take stay where they are. Gone callers met on the way are taken (and dropped).
@@ -354,9 +305,9 @@ class MicroBatcher(Generic[Work, Result]):
                 if self._large_passes and any(map(self._is_small, self._ready)):
                     break
                 self._ready_changed.wait()
-            batch: list[_Pending[Work, Result]] = []
+            batch: list[Pending[Work, Result]] = []
             rows, length = 0, 1
-            kept: collections.deque[_Pending[Work, Result]] = collections.deque()
+            kept: collections.deque[Pending[Work, Result]] = collections.deque()
             while self._ready:
                 item = self._ready.popleft()
                 if item.future.cancelled():
@@ -387,7 +338,7 @@ class MicroBatcher(Generic[Work, Result]):
             live = self._run_live(batch)
             self._observe(live, time.perf_counter() - started, express=True)
 
-    def _observe(self, batch: list[_Pending[Work, Result]], seconds: float, express: bool) -> None:
+    def _observe(self, batch: list[Pending[Work, Result]], seconds: float, express: bool) -> None:
         if self._on_pass is None or not batch:
             return
         try:
@@ -395,7 +346,7 @@ class MicroBatcher(Generic[Work, Result]):
         except Exception:  # metrics never stop the forward thread
             logger.exception("observing a forward pass failed")
 
-    def _run_live(self, batch: list[_Pending[Work, Result]]) -> list[_Pending[Work, Result]]:
+    def _run_live(self, batch: list[Pending[Work, Result]]) -> list[Pending[Work, Result]]:
         """Runs the items whose callers are still there; returns them."""
         self._release(batch)
         live = [item for item in batch if not item.future.cancelled()]
@@ -403,35 +354,23 @@ class MicroBatcher(Generic[Work, Result]):
             self._run_batch(live)
         return live
 
-    def _run_batch(self, batch: list[_Pending[Work, Result]]) -> None:
+    def _run_batch(self, batch: list[Pending[Work, Result]]) -> None:
         works = [item.prepared if item.prepared is not None else item.work for item in batch]
         try:
             if self._streams_results:
                 # process(works, on_result) answers each item as soon as it is done; the rest are checked below.
-                results = self._process(works, lambda index, result: _resolve(batch[index], result))  # type: ignore[call-arg]
+                results = self._process(works, lambda index, result: resolve(batch[index], result))  # type: ignore[call-arg]
                 return
             results = self._process(works)
         except ServingError as error:
             for item in batch:
-                _resolve(item, error)
+                resolve(item, error)
             return
         except Exception as error:
             logger.exception("batch of %d failed", len(batch))
             failure = ServingError(f"inference failed: {type(error).__name__}: {error}")
             for item in batch:
-                _resolve(item, failure)
+                resolve(item, failure)
             return
         for item, result in zip(batch, results, strict=True):
-            _resolve(item, result)
-
-
-def _resolve(item: _Pending[Work, Result], outcome: Result | BaseException) -> None:
-    def settle() -> None:
-        if item.future.done():
-            return
-        if isinstance(outcome, BaseException):
-            item.future.set_exception(outcome)
-        else:
-            item.future.set_result(outcome)
-
-    item.loop.call_soon_threadsafe(settle)
+            resolve(item, result)
