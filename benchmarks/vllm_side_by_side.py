@@ -14,7 +14,8 @@ shows a low TPOT and a higher TTFT, so compare latency p50 as well. Prints a tab
 to benchmarks/results/.
 
     .venv/bin/python -m benchmarks.vllm_side_by_side [--serve-ours | --ours http://127.0.0.1:3000/openai/v1]
-        [--reps 3] [--model DIR] [--concurrency 1 8 32] [--tokens 64] [--vllm-arg=--enforce-eager ...]
+        [--reps 3] [--rounds 2] [--model DIR] [--dtype float32] [--concurrency 1 8 32] [--tokens 64]
+        [--vllm-arg=--enforce-eager ...]
 """
 
 from __future__ import annotations
@@ -237,10 +238,15 @@ OURS_ARGS = {"backend": "vllm", "model_name": "tiny-llama", "disable_log_stats":
 
 
 def start_ours(options: argparse.Namespace) -> Any:
-    """Our server (`bentoml serve`, backend vllm) on the same model and max_model_len, ready."""
+    """Our server (`bentoml serve`, backend vllm) on the same model, dtype and max_model_len, ready."""
     from tests.server_process import ServerProcess
 
-    arguments = {**OURS_ARGS, "model_dir": str(options.model), "max_model_len": str(options.max_model_len)}
+    arguments = {
+        **OURS_ARGS,
+        "model_dir": str(options.model),
+        "max_model_len": str(options.max_model_len),
+        "dtype": options.dtype,
+    }
     print(f"starting ours: bentoml serve {arguments} ...", flush=True)
     return ServerProcess(arguments, Path("/tmp/vllm-side-by-side-ours.log")).wait_ready(options.start_timeout)
 
@@ -264,6 +270,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="requests per level = rounds x concurrency (>= 8)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions, interleaved; medians are reported")
     parser.add_argument("--max-model-len", type=int, default=256)
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        help="the model's dtype on both servers: left to themselves, vLLM's server picks bfloat16 on a CPU with "
+        "bf16 support and ours (KServe's rule) float32",
+    )
     parser.add_argument("--start-timeout", type=float, default=600)
     options = parser.parse_args()
     if options.no_vllm and not (options.ours or options.serve_ours):
@@ -282,7 +294,8 @@ def main() -> None:
             urls["vllm"] = (options.vllm_url, None)
         else:
             model = options.model or tiny_llama()
-            extra = ["--max-model-len", str(options.max_model_len), "--disable-log-stats", *options.vllm_arg]
+            extra = ["--max-model-len", str(options.max_model_len), "--dtype", options.dtype, "--disable-log-stats"]
+            extra += options.vllm_arg
             server = VLLMServer(model, "tiny-llama", extra, Path("/tmp/vllm-side-by-side-server.log"))
             figures["vllm_server"] = {"model": str(model), "args": extra}
             print(f"starting vLLM's server on {server.url} (log {server.log_path}) ...", flush=True)
