@@ -115,21 +115,36 @@ def traced_lanes_inputs_per_second(
     rates: dict[int, float] = {}
     for size in batch_sizes:
         done = [0.0] * lanes
-
-        def lane(index: int, batch: list[str] = [text] * size) -> None:
-            torch.set_num_threads(1)
-            run_batch(tokenizer, traced, task, batch)  # warm-up
-            barrier.wait()
-            done[index] = _rate(tokenizer, traced, task, batch, seconds)
-
         barrier = threading.Barrier(lanes)
-        threads = [threading.Thread(target=lane, args=(index,)) for index in range(lanes)]
+        threads = [
+            threading.Thread(
+                target=_traced_lane, args=(tokenizer, traced, task, [text] * size, seconds, barrier, done, i)
+            )
+            for i in range(lanes)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
         rates[size] = sum(done)
     return rates
+
+
+def _traced_lane(
+    tokenizer: object,
+    traced: _TracedModel,
+    task: str,
+    batch: list[str],
+    seconds: float,
+    barrier: threading.Barrier,
+    done: list[float],
+    index: int,
+) -> None:
+    """One lane of traced_lanes_inputs_per_second: one torch thread, warm up, start with the others, measure."""
+    torch.set_num_threads(1)
+    run_batch(tokenizer, traced, task, batch)
+    barrier.wait()
+    done[index] = _rate(tokenizer, traced, task, batch, seconds)
 
 
 def _one_process_of_several() -> None:
