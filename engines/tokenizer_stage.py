@@ -12,9 +12,8 @@ import asyncio
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from engines.os_threads import name_os_thread
@@ -36,7 +35,6 @@ class Pending(Generic[Work, Result]):
     size: int
     future: asyncio.Future[Result]
     loop: asyncio.AbstractEventLoop
-    queued_at: float = field(default_factory=time.perf_counter)
     prepared: Any = None
     rows: int = 1  # rows and padded length once prepared: what the item costs in a batch
     length: int = 1

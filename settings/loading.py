@@ -80,7 +80,7 @@ def forward_thread_setup() -> Callable[[bool], None]:
     the forward thread's (the count in force now) is the default that stays. The express lane runs short
     passes that gain little from a second thread, and beside a long pass that already takes the cores,
     one thread adds the least oversubscription (3 threads on 2 cores instead of 4). Several forward lanes
-    (engines/batcher.py) run one thread each: one pass per core.
+    (engines/batcher.py) run one thread each, one pass per core, and 1 is then the default that stays.
     """
     threads = torch.get_num_threads()
 

@@ -144,23 +144,42 @@ def test_forward_lanes_run_passes_at_once_each_single_threaded_in_ready_order():
     assert [name for works in rest for name in works] == ["a", "b", "c", "d"]
 
 
-def test_one_lane_collects_at_a_time_so_an_item_arriving_during_the_wait_joins_the_batch():
+def test_one_lane_collects_at_a_time_so_items_arriving_during_the_wait_join_the_batch(monkeypatch):
+    """Without one lane collecting at a time, the idle lane could take any of b, c, d as they arrive."""
     batches: list[list[str]] = []
+    collecting, most_at_once, count_lock = 0, 0, threading.Lock()
+    collect = MicroBatcher._collect
+
+    def counted_collect(self: MicroBatcher) -> object:
+        nonlocal collecting, most_at_once
+        with count_lock:
+            collecting += 1
+            most_at_once = max(most_at_once, collecting)
+        try:
+            return collect(self)
+        finally:
+            with count_lock:
+                collecting -= 1
+
+    monkeypatch.setattr(MicroBatcher, "_collect", counted_collect)
     batcher = MicroBatcher(
         lambda works: batches.append(list(works)) or works,
         max_batch_size=32,
-        max_wait_s=0.3,
+        max_wait_s=0.5,
         max_queue_size=100,
         forward_lanes=2,
     )
 
     async def run() -> list[str]:
-        first = asyncio.ensure_future(batcher.submit("a"))
-        await asyncio.sleep(0.05)  # "a" is collected; the batch waits up to max_wait_s for more
-        return [*(await asyncio.gather(first, batcher.submit("b")))]
+        futures = [asyncio.ensure_future(batcher.submit("a"))]
+        for name in "bcd":
+            await asyncio.sleep(0.03)  # within the batch's max_wait_s: each arrives while "a" is collected
+            futures.append(asyncio.ensure_future(batcher.submit(name)))
+        return [*(await asyncio.gather(*futures))]
 
     try:
-        assert asyncio.run(run()) == ["a", "b"]
+        assert asyncio.run(run()) == ["a", "b", "c", "d"]
     finally:
         batcher.close()
-    assert batches == [["a", "b"]]  # not split across the idle lane
+    assert batches == [["a", "b", "c", "d"]]  # not split across the idle lane
+    assert most_at_once == 1  # the other lane waited for its turn, not inside _collect
