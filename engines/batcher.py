@@ -32,9 +32,10 @@ answering (health checks, new requests) while a forward pass runs. The pipeline:
 - Forward lanes (`forward_lanes`, default 1): several forward threads take batches from the one ready queue,
   each on one torch thread (`thread_setup(True)`), one collecting at a time so lanes never split a batch.
   On a CPU, small passes gain little from a second OpenMP thread; one single-threaded pass per core does
-  more (all-MiniLM-L6-v2, 2 cores, one sentence per request at c=32: 270-281 req/s against 238 on one lane),
-  provided the passes hold no GIL (a traced model, handlers/traced.py). A lane waits for requests on their
-  way (below) only while no other lane runs a pass: waiting beside a running pass would leave its core idle.
+  a little more (all-MiniLM-L6-v2, 2 cores, one sentence per request at c=32, traced: 291-318 req/s against
+  265-294 on one lane, README "where the time goes"), provided the passes hold no GIL (a traced model,
+  handlers/traced.py). A lane waits for requests on their way (below) only while no other lane runs a
+  pass: waiting beside a running pass would leave its core idle.
 - A caller that left (its future cancelled) is skipped at every stage: before preparing and before running.
 
 Why arrival order still holds. The forward thread's batches are FIFO as above. The express lane takes small

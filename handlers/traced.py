@@ -1,10 +1,10 @@
 """An encoder's forward pass traced with TorchScript on CPU: the same outputs, and no GIL held while it runs.
 
 Why: an eager transformers pass dispatches each of its few hundred ops from Python, holding the GIL between
-them. Two passes on two threads then take turns on the GIL (1.65 of 2 cores busy on all-MiniLM-L6-v2), so
-running one single-threaded pass per core, which the cores would otherwise do ~1.2-1.5x faster than one
-pass on all of them, gains nothing. A traced pass runs in TorchScript's C++ interpreter, and two of them use
-both cores (benchmarks/encoder_profile.py shows the busy cores; README "Performance").
+them. That costs CPU per request, and two passes on two threads take turns on the GIL (1.71-1.75 of 2 cores
+busy on all-MiniLM-L6-v2), so one single-threaded pass per core (engines/batcher.py's forward lanes) gains
+nothing. A traced pass runs in TorchScript's C++ interpreter: less CPU per request on one lane, and two
+lanes keep both cores busy (benchmarks/encoder_profile.py; README "where the time goes").
 
 Tracing records the ops one example runs, so a model whose Python takes data-dependent branches would be
 recorded wrong. Each trace is therefore checked at start against the eager model on a batch of another shape
