@@ -99,6 +99,7 @@ response_deadline.install()  # traffic.timeout below, without BentoML's per-requ
 install_error_handlers(app, ARGS.retry_after_s, ARGS.max_log_len)
 install_openapi(app)
 LIFECYCLE = Lifecycle()
+VLLM_OPENAI = vllm_openai_routes.VLLMOpenAIForwarding()
 
 
 def _resources() -> dict[str, Any]:
@@ -155,6 +156,7 @@ class HuggingFaceService(TypedApis):  # routes are mounted per instance in __ini
         # The fallback router answers unknown paths in their protocol's shape, so it comes last.
         if vllm_serves_openai(self):
             openai_layer: tuple[Any, ...] = (vllm_openai_routes,)
+            VLLM_OPENAI.target = vllm_openai_routes.VLLMOpenAIApp(self)  # the fast path below
         else:
             openai_layer = (openai_routes, tokenize_routes)
         routers = (kserve_routes, *openai_layer, rerank_routes, tei_routes, playground_routes, fallback_routes)
@@ -226,4 +228,8 @@ _GUARD_OPTIONS: dict[str, Any] = {
 }
 app.add_middleware(RequestGuard, **_GUARD_OPTIONS)
 HuggingFaceService.add_asgi_middleware(RequestGuard, **_GUARD_OPTIONS)
+# Inside the guard: on the vLLM backend, /openai/* goes straight to vLLM's app (routes/vllm_openai.py says why).
+HuggingFaceService.add_asgi_middleware(
+    vllm_openai_routes.VLLMOpenAIFastPath, forwarding=VLLM_OPENAI, retry_after_s=ARGS.retry_after_s
+)
 install_bentoml_openapi(HuggingFaceService)  # /docs: the models our routes name, in BentoML's document too

@@ -6,6 +6,8 @@ Greedy answers must equal transformers' `model.generate` on the same model, toke
 from __future__ import annotations
 
 import importlib.util
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -136,3 +138,46 @@ def test_t5_text2text_over_completions_and_v1(servers, tiny_models):
     assert response.choices[0].text == expected
     v1 = httpx.post(f"{servers['t5']}/v1/models/t5:predict", json={"instances": [PROMPT]})
     assert v1.status_code == 200 and isinstance(v1.json()["predictions"][0], str)
+
+
+def vllm_counts(url: str) -> tuple[float, float]:
+    """From vLLM's metrics on /metrics: (requests running, requests that ended at max_tokens). vLLM does not
+    count an aborted request as finished, so a request that was aborted never adds to the second."""
+    metrics = httpx.get(f"{url}/metrics", timeout=30).text
+
+    def total(pattern: str) -> float:
+        return sum(float(value) for value in re.findall(pattern, metrics, flags=re.MULTILINE))
+
+    running = total(r"^vllm:num_requests_running\{[^}]*\} (\S+)$")
+    return running, total(r'^vllm:request_success_total\{[^}]*finished_reason="length"[^}]*\} (\S+)$')
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed")
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_aborts_its_request_on_vllm(servers, stream):
+    """/openai/* on the vLLM backend is vLLM's own app, past our cancellation layer (routes/vllm_openai.py's fast
+    path): vLLM's routes must abort a request whose client leaves, streamed or not, through `bentoml serve`."""
+    url = servers["vllm"]
+    _, finished_before = vllm_counts(url)
+    # 4 x 240 tokens: seconds of work on the tiny model, so the client leaves long before the end.
+    body = {"model": "llama", "prompt": PROMPT, "max_tokens": 240, "n": 4, "ignore_eos": True, "stream": stream}
+    with httpx.Client(timeout=httpx.Timeout(60, read=60 if stream else 0.3)) as client:
+        if stream:
+            with client.stream("POST", f"{url}/openai/v1/completions", json=body) as response:
+                assert response.status_code == 200
+                next(response.iter_raw())  # the first event arrived; now leave
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                client.post(f"{url}/openai/v1/completions", json=body)
+    deadline = time.monotonic() + 20
+    while vllm_counts(url)[0] > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    running, finished = vllm_counts(url)
+    assert running == 0 and finished == finished_before  # stopped, and not by reaching max_tokens
+    # The server goes on serving, and a request that runs to max_tokens is counted.
+    client = openai.OpenAI(base_url=f"{url}/openai/v1", api_key="-")
+    client.completions.create(model="llama", prompt=PROMPT, max_tokens=2)
+    deadline = time.monotonic() + 10
+    while vllm_counts(url)[1] == finished_before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert vllm_counts(url)[1] == finished_before + 1
