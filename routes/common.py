@@ -53,6 +53,7 @@ class Timer:
     def __init__(self, model_name: str, latency_logging: bool = False) -> None:
         self.model_name = model_name
         self.latency_logging = latency_logging
+        self._stage_seconds: dict[str, Any] = {}  # each stage's labelled child, looked up once
 
     async def run(self, stage: str, work: Callable[[], Awaitable[_T]]) -> _T:
         started = time.perf_counter()
@@ -63,7 +64,10 @@ class Timer:
 
     def observe(self, stage: str, started: float) -> None:
         seconds = time.perf_counter() - started
-        _STAGE_SECONDS[stage].labels(model_name=self.model_name).observe(seconds)
+        child = self._stage_seconds.get(stage)
+        if child is None:
+            child = self._stage_seconds[stage] = _STAGE_SECONDS[stage].labels(model_name=self.model_name)
+        child.observe(seconds)
         if not self.latency_logging:
             return
         stages = _REQUEST_STAGES.get()

@@ -14,6 +14,7 @@ extra task and memory streams (a large share of a small request's cost) and buff
 from __future__ import annotations
 
 import hmac
+import itertools
 import logging
 import re
 import traceback
@@ -34,6 +35,18 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._~:+=/-]{1,128}")
+
+
+def request_id_source() -> Callable[[], bytes]:
+    """New request ids: 32 hex digits, a random prefix per process and a counter. Unique across workers and
+    replicas like uuid4's, without its `os.urandom` per request, which drops the GIL on the event loop and
+    waits to get it back behind the forward lanes (profiled: ~4% of the loop's time at 32 clients)."""
+    prefix = uuid.uuid4().hex[:16]
+    counter = itertools.count()
+    return lambda: f"{prefix}{next(counter) & 0xFFFFFFFFFFFFFFFF:016x}".encode()
+
+
+new_request_id = request_id_source()
 # GET routes open without the API key: liveness, readiness (whole server and per model), metrics, the API docs
 # and the pages (BentoML's index and schema, the playground page; its calls to the model need the key).
 _OPEN_PATHS = frozenset(
@@ -92,7 +105,7 @@ class RequestGuard:
             elif name == b"authorization":
                 authorization = value
         if not _REQUEST_ID.fullmatch(request_id):
-            request_id = uuid.uuid4().hex.encode()
+            request_id = new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id.decode()
 
         async def send_with_id(message: Message) -> None:

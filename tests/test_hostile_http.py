@@ -21,6 +21,7 @@ import pytest
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from routes.guard import request_id_source
 from tests.server_process import ServerProcess, free_port
 
 API_KEY = "test-key-5f1e9a"
@@ -269,3 +270,12 @@ def test_kserve_command_line_takes_the_key_and_keeps_it_off_the_serve_command(fl
     assert env == {"HF_SERVE_API_KEY": "s3cret"}
     assert not any("s3cret" in part for part in kept)
     assert kept[:2] == ["serve", "service:HuggingFaceService"] and "--port" in kept and "model_name=m" in kept
+
+
+def test_new_request_ids_are_unique_hex_and_differ_between_processes():
+    """The guard's own ids (routes/guard.py): a counter under a random per-process prefix, not uuid4 per request."""
+    this_process, another_process = request_id_source(), request_id_source()
+    ids = [this_process() for _ in range(1000)] + [another_process() for _ in range(1000)]
+    assert len(set(ids)) == 2000
+    assert all(len(given) == 32 and int(given, 16) >= 0 for given in ids)
+    assert ids[0][:16] != ids[1000][:16]
