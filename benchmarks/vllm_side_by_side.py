@@ -198,6 +198,8 @@ async def run_level(base_url: str, model: str, concurrency: int, requests: int, 
     }
 
 
+# At c=1, rounds x 1 requests is too few for a TTFT median of ~8 ms that moves by a millisecond between runs.
+MIN_REQUESTS = 40
 MEDIAN_KEYS = ("output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "latency_p50_ms")
 
 
@@ -224,7 +226,7 @@ async def measure(
         figures[label] = {"url": base_url, "model": models[label], "levels": {}}
     for rep in range(reps):
         for concurrency in levels:
-            requests = max(rounds * concurrency, 8)
+            requests = max(rounds * concurrency, MIN_REQUESTS)
             for label, (base_url, _) in targets.items():
                 print(f"{label}: rep {rep + 1}/{reps}, concurrency {concurrency}, {requests} requests ...", flush=True)
                 await run_level(base_url, models[label], concurrency, min(concurrency, requests), tokens)  # unmeasured
@@ -267,7 +269,9 @@ def main() -> None:
     parser.add_argument("--vllm-arg", action="append", default=[], help="extra flag for vLLM's server (repeat)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--tokens", type=int, default=64, help="streamed output tokens per request")
-    parser.add_argument("--rounds", type=int, default=2, help="requests per level = rounds x concurrency (>= 8)")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help=f"requests per level = rounds x concurrency (>= {MIN_REQUESTS})"
+    )
     parser.add_argument("--reps", type=int, default=3, help="repetitions, interleaved; medians are reported")
     parser.add_argument("--max-model-len", type=int, default=256)
     parser.add_argument(
