@@ -9,6 +9,9 @@ load goes to our server too; with --serve-ours this script starts ours (backend 
 servers take turns at each concurrency, `--reps` times, so each is measured alone on the same machine,
 and the medians are reported with the issue's target (ours at least 0.95x vLLM's tokens/s, TTFT p50 at
 most 1.1x).
+"headers" is the time to the response's headers: vLLM's streaming routes send them once the request is
+parsed and its prompt tokenized, before it reaches the engine, so it is the share of TTFT spent in the HTTP
+layers and the route (with the event loop's queue in front of them), and TTFT minus it the engine's.
 TPOT is (last token - first token) / (tokens - 1) per request: a server that delivers tokens in bursts
 shows a low TPOT and a higher TTFT, so compare latency p50 as well. Prints a table and writes JSON
 to benchmarks/results/.
@@ -135,6 +138,7 @@ async def one_request(
     chunks = 0
     completion_tokens = None
     async with session.post(f"{base_url}/completions", json=body) as response:
+        headers = time.perf_counter()  # the route answered: what remains to the first token is the engine's
         if response.status != 200:
             raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:300]}")
         async for raw in response.content:
@@ -155,7 +159,13 @@ async def one_request(
     if first is None or last is None:
         raise RuntimeError("the stream had no text")
     count = completion_tokens if completion_tokens is not None else chunks
-    return {"ttft": first - started, "tokens": count, "decode": last - first, "latency": last - started}
+    return {
+        "ttft": first - started,
+        "headers": headers - started,
+        "tokens": count,
+        "decode": last - first,
+        "latency": last - started,
+    }
 
 
 async def run_level(base_url: str, model: str, concurrency: int, requests: int, tokens: int) -> dict[str, Any]:
@@ -191,6 +201,7 @@ async def run_level(base_url: str, model: str, concurrency: int, requests: int, 
         "seconds": elapsed,
         "output_tokens_per_s": total_tokens / elapsed,
         "ttft_p50_ms": 1000 * statistics.median(ttfts),
+        "headers_p50_ms": 1000 * statistics.median(r["headers"] for r in results),
         "ttft_p99_ms": 1000 * ttfts[int(0.99 * (len(ttfts) - 1))],
         "tpot_p50_ms": 1000 * statistics.median(tpots) if tpots else float("nan"),
         "tpot_p99_ms": 1000 * tpots[int(0.99 * (len(tpots) - 1))] if tpots else float("nan"),
@@ -200,7 +211,15 @@ async def run_level(base_url: str, model: str, concurrency: int, requests: int, 
 
 # At c=1, rounds x 1 requests is too few for a TTFT median of ~8 ms that moves by a millisecond between runs.
 MIN_REQUESTS = 40
-MEDIAN_KEYS = ("output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "latency_p50_ms")
+MEDIAN_KEYS = (
+    "output_tokens_per_s",
+    "ttft_p50_ms",
+    "headers_p50_ms",
+    "ttft_p99_ms",
+    "tpot_p50_ms",
+    "tpot_p99_ms",
+    "latency_p50_ms",
+)
 
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -322,7 +341,8 @@ def main() -> None:
             ours.stop()
     figures["targets"] = targets
 
-    header = ["server", "conc.", "requests", "out tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms"]
+    header = ["server", "conc.", "requests", "out tok/s", "TTFT p50 ms", "headers p50 ms", "TTFT p99 ms"]
+    header += ["TPOT p50 ms", "TPOT p99 ms"]
     header.append("latency p50 ms")
     rows = []
     for concurrency in options.concurrency:
@@ -335,6 +355,7 @@ def main() -> None:
                     f"{r['requests']}" + (f" ({r['errors']} failed)" if r["errors"] else ""),
                     f"{r['output_tokens_per_s']:.1f}",
                     f"{r['ttft_p50_ms']:.1f}",
+                    f"{r['headers_p50_ms']:.1f}",
                     f"{r['ttft_p99_ms']:.1f}",
                     f"{r['tpot_p50_ms']:.2f}",
                     f"{r['tpot_p99_ms']:.2f}",
@@ -349,7 +370,9 @@ def main() -> None:
             figures.setdefault("ours_over_vllm_ttft_p50", {})[str(concurrency)] = ttft_ratio
             # The target: at least 0.95x vLLM's output tokens/s, TTFT p50 at most 1.1x.
             met = "met" if ratio >= 0.95 and ttft_ratio <= 1.1 else "MISSED"
-            rows.append(["ours/vllm", str(concurrency), met, f"{ratio:.2f}x", f"{ttft_ratio:.2f}x", "", "", "", ""])
+            headers_ratio = ours_level["headers_p50_ms"] / vllm_level["headers_p50_ms"]
+            row = ["ours/vllm", str(concurrency), met, f"{ratio:.2f}x", f"{ttft_ratio:.2f}x", f"{headers_ratio:.2f}x"]
+            rows.append([*row, "", "", "", ""])
     print()
     print_table(header, rows)
     json_path = write_results("vllm_side_by_side", figures)
