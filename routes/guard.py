@@ -47,6 +47,7 @@ def request_id_source() -> Callable[[], bytes]:
 
 
 new_request_id = request_id_source()
+
 # GET routes open without the API key: liveness, readiness (whole server and per model), metrics, the API docs
 # and the pages (BentoML's index and schema, the playground page; its calls to the model need the key).
 _OPEN_PATHS = frozenset(

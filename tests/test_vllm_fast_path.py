@@ -19,18 +19,18 @@ from routes.guard import RequestGuard
 from routes.vllm_openai import VLLMOpenAIApp, VLLMOpenAIFastPath, VLLMOpenAIForwarding
 
 
-async def answer(label: str, scope: dict[str, Any], send: Any) -> None:
+async def reply(label: str, scope: dict[str, Any], send: Any) -> None:
     body = f"{label} {scope.get('root_path', '')} {scope['path']}".encode()
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
     await send({"type": "http.response.body", "body": body})
 
 
 async def vllm_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    await answer("vllm", scope, send)
+    await reply("vllm", scope, send)
 
 
 async def bentoml_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    await answer("bentoml", scope, send)
+    await reply("bentoml", scope, send)
 
 
 def request(forwarding: VLLMOpenAIForwarding, method: str, path: str) -> httpx.Response:
