@@ -6,15 +6,15 @@ Greedy answers must equal transformers' `model.generate` on the same model, toke
 from __future__ import annotations
 
 import importlib.util
-import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from tests.server_process import ServerProcess
@@ -143,13 +143,20 @@ def test_t5_text2text_over_completions_and_v1(servers, tiny_models):
 def vllm_counts(url: str) -> tuple[float, float]:
     """From vLLM's metrics on /metrics: (requests running, requests that ended at max_tokens). vLLM does not
     count an aborted request as finished, so a request that was aborted never adds to the second."""
-    metrics = httpx.get(f"{url}/metrics", timeout=30).text
+    running = finished = 0.0
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name == "vllm:num_requests_running":
+                running += sample.value
+            elif sample.name == "vllm:request_success_total" and sample.labels.get("finished_reason") == "length":
+                finished += sample.value
+    return running, finished
 
-    def total(pattern: str) -> float:
-        return sum(float(value) for value in re.findall(pattern, metrics, flags=re.MULTILINE))
 
-    running = total(r"^vllm:num_requests_running\{[^}]*\} (\S+)$")
-    return running, total(r'^vllm:request_success_total\{[^}]*finished_reason="length"[^}]*\} (\S+)$')
+def wait_until(done: Callable[[], bool], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 @pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed")
@@ -169,15 +176,11 @@ def test_a_client_that_leaves_aborts_its_request_on_vllm(servers, stream):
         else:
             with pytest.raises(httpx.ReadTimeout):
                 client.post(f"{url}/openai/v1/completions", json=body)
-    deadline = time.monotonic() + 20
-    while vllm_counts(url)[0] > 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: vllm_counts(url)[0] == 0, 20)
     running, finished = vllm_counts(url)
     assert running == 0 and finished == finished_before  # stopped, and not by reaching max_tokens
     # The server goes on serving, and a request that runs to max_tokens is counted.
     client = openai.OpenAI(base_url=f"{url}/openai/v1", api_key="-")
     client.completions.create(model="llama", prompt=PROMPT, max_tokens=2)
-    deadline = time.monotonic() + 10
-    while vllm_counts(url)[1] == finished_before and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: vllm_counts(url)[1] > finished_before, 10)
     assert vllm_counts(url)[1] == finished_before + 1
