@@ -166,9 +166,10 @@ def test_a_client_that_leaves_aborts_its_request_on_vllm(servers, stream):
     path): vLLM's routes must abort a request whose client leaves, streamed or not, through `bentoml serve`."""
     url = servers["vllm"]
     _, finished_before = vllm_counts(url)
-    # 4 x 240 tokens: seconds of work on the tiny model, so the client leaves long before the end.
-    body = {"model": "llama", "prompt": PROMPT, "max_tokens": 240, "n": 4, "ignore_eos": True, "stream": stream}
-    with httpx.Client(timeout=httpx.Timeout(60, read=60 if stream else 0.3)) as client:
+    # 64 x 240 tokens: ~1.5 s on the tiny model alone (n=4 took 0.4 s, too close to a 0.3 s timeout), so the
+    # client leaves long before the end.
+    body = {"model": "llama", "prompt": PROMPT, "max_tokens": 240, "n": 64, "ignore_eos": True, "stream": stream}
+    with httpx.Client(timeout=httpx.Timeout(60, read=60 if stream else 0.1)) as client:
         if stream:
             with client.stream("POST", f"{url}/openai/v1/completions", json=body) as response:
                 assert response.status_code == 200
