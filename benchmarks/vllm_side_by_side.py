@@ -18,7 +18,10 @@ to benchmarks/results/.
 
     .venv/bin/python -m benchmarks.vllm_side_by_side [--serve-ours | --ours http://127.0.0.1:3000/openai/v1]
         [--reps 3] [--rounds 2] [--model DIR] [--dtype float32] [--concurrency 1 8 32] [--tokens 64]
-        [--vllm-arg=--enforce-eager ...]
+        [--vllm-arg=--enforce-eager ...] [--also-ours engine_nice=0 ...]
+
+`--also-ours NAME=VALUE` starts a second copy of ours with those arguments, measured in the same turns: with
+`engine_nice=0` it is ours without the lower priority of the engine's processes (engines/process_priority.py).
 """
 
 from __future__ import annotations
@@ -258,7 +261,7 @@ async def measure(
 OURS_ARGS = {"backend": "vllm", "model_name": "tiny-llama", "disable_log_stats": "true"}
 
 
-def start_ours(options: argparse.Namespace) -> Any:
+def start_ours(options: argparse.Namespace, extra: dict[str, str], log_name: str = "ours") -> Any:
     """Our server (`bentoml serve`, backend vllm) on the same model, dtype and max_model_len, ready."""
     from tests.server_process import ServerProcess
 
@@ -267,9 +270,11 @@ def start_ours(options: argparse.Namespace) -> Any:
         "model_dir": str(options.model),
         "max_model_len": str(options.max_model_len),
         "dtype": options.dtype,
+        **extra,
     }
     print(f"starting ours: bentoml serve {arguments} ...", flush=True)
-    return ServerProcess(arguments, Path("/tmp/vllm-side-by-side-ours.log")).wait_ready(options.start_timeout)
+    log = Path(f"/tmp/vllm-side-by-side-{log_name}.log")
+    return ServerProcess(arguments, log).wait_ready(options.start_timeout)
 
 
 def main() -> None:
@@ -283,6 +288,13 @@ def main() -> None:
         "both stay up and take turns, so each is measured alone on the machine",
     )
     parser.add_argument("--ours-model", help="model name on our server (default: the first of GET /models)")
+    parser.add_argument(
+        "--also-ours",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="with --serve-ours, a second copy of ours with these arguments too (repeat), e.g. engine_nice=0",
+    )
     parser.add_argument("--vllm-url", help="a vLLM server already running (its /v1 base URL) instead of starting one")
     parser.add_argument("--no-vllm", action="store_true", help="measure only --ours")
     parser.add_argument("--vllm-arg", action="append", default=[], help="extra flag for vLLM's server (repeat)")
@@ -306,11 +318,15 @@ def main() -> None:
 
     figures: dict[str, Any] = {"tokens": options.tokens, "concurrency": options.concurrency}
     urls: dict[str, tuple[str, str | None]] = {}
-    ours = None
+    started: dict[str, Any] = {}  # label -> our servers started here
     if options.serve_ours:
         options.model = options.model or tiny_llama()
-        ours = start_ours(options)
+        started["ours"] = start_ours(options, {})
         figures["ours_server"] = {"model": str(options.model), "args": OURS_ARGS}
+        if options.also_ours:
+            also = dict(pair.split("=", 1) for pair in options.also_ours)
+            started["ours, " + " ".join(options.also_ours)] = start_ours(options, also, "ours-also")
+            figures["also_ours_args"] = also
     server = None
     if not options.no_vllm:
         if options.vllm_url:
@@ -325,8 +341,8 @@ def main() -> None:
             urls["vllm"] = (server.url, None)
     if options.ours:
         urls["ours"] = (options.ours, options.ours_model)
-    elif ours is not None:
-        urls["ours"] = (f"{ours.url}/openai/v1", "tiny-llama")
+    for label, ours in started.items():
+        urls[label] = (f"{ours.url}/openai/v1", "tiny-llama")
     figures["reps"] = options.reps
     try:
         if server is not None:
@@ -337,7 +353,7 @@ def main() -> None:
     finally:
         if server is not None:
             server.stop()
-        if ours is not None:
+        for ours in started.values():
             ours.stop()
     figures["targets"] = targets
 
@@ -362,17 +378,18 @@ def main() -> None:
                     f"{r['latency_p50_ms']:.0f}",
                 ]
             )
-        if len(targets) == 2:
-            ours_level, vllm_level = (targets[label]["levels"][str(concurrency)] for label in ("ours", "vllm"))
+        for label in [label for label in targets if label != "vllm" and "vllm" in targets]:
+            ours_level, vllm_level = (targets[name]["levels"][str(concurrency)] for name in (label, "vllm"))
             ratio = ours_level["output_tokens_per_s"] / vllm_level["output_tokens_per_s"]
             ttft_ratio = ours_level["ttft_p50_ms"] / vllm_level["ttft_p50_ms"]
-            figures.setdefault("ours_over_vllm_tokens_per_s", {})[str(concurrency)] = ratio
-            figures.setdefault("ours_over_vllm_ttft_p50", {})[str(concurrency)] = ttft_ratio
+            key = "ours" if label == "ours" else label.replace(", ", "_").replace("=", "_").replace(" ", "_")
+            figures.setdefault(f"{key}_over_vllm_tokens_per_s", {})[str(concurrency)] = ratio
+            figures.setdefault(f"{key}_over_vllm_ttft_p50", {})[str(concurrency)] = ttft_ratio
             # The issue's target: at least 0.95x vLLM's output tokens/s, TTFT p50 at most 1.1x.
             met = "met" if ratio >= 0.95 and ttft_ratio <= 1.1 else "MISSED"
             headers_ratio = ours_level["headers_p50_ms"] / vllm_level["headers_p50_ms"]
-            row = ["ours/vllm", str(concurrency), met, f"{ratio:.2f}x", f"{ttft_ratio:.2f}x", f"{headers_ratio:.2f}x"]
-            rows.append([*row, "", "", "", ""])
+            ratios = [f"{ratio:.2f}x", f"{ttft_ratio:.2f}x", f"{headers_ratio:.2f}x"]
+            rows.append([f"{label}/vllm", str(concurrency), met, *ratios, "", "", "", ""])
     print()
     print_table(header, rows)
     json_path = write_results("vllm_side_by_side", figures)

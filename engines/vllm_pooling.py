@@ -17,6 +17,7 @@ from typing import Any
 
 from engines.generation.select import vllm_unavailable_reason
 from engines.generation.vllm_backend import CPU_ENV_DEFAULTS, build_engine, serve_namespace
+from engines.process_priority import engine_nice
 from handlers.errors import NotReady
 from settings.arguments import ServerArguments
 from settings.loading import ModelLoadError, ModelSource
@@ -77,7 +78,8 @@ class VLLMPoolingEngine:
                 os.environ.setdefault(name, value)
         namespace = serve_namespace(self.source, self.args, runner="pooling")
         # Building the engine blocks for seconds: off the event loop.
-        self.engine = await asyncio.to_thread(build_engine, namespace)
+        nice = engine_nice(self.args.engine_nice, on_cpu=self.source.device.type == "cpu")
+        self.engine = await asyncio.to_thread(build_engine, namespace, nice)
         try:
             self.openai_app = await build_openai_app(self.engine, namespace)
         except Exception as error:

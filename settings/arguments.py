@@ -224,6 +224,14 @@ class ServerArguments(BaseModel):
         "thread when the pass is traced (encoder_runtime), else one pass on all torch threads.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
+    engine_nice: int | None = Field(
+        None,
+        ge=0,
+        le=19,
+        description="CPU priority (nice value) of the processes vLLM's engine starts, below this worker's: on a "
+        "CPU the engine's threads otherwise take cores the event loop needs to answer and stream. Unset: 5 when "
+        "the engine runs on CPU, 0 (unchanged) on a GPU. Only ever lowers priority (engines/process_priority.py).",
+    )
     access_log: bool = Field(False, description="Log one line per HTTP request (BentoML's access log).")
     tracing: bool = Field(
         False, description="OpenTelemetry spans for HTTP routes (BentoML's tracing config says where to send them)."

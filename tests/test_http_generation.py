@@ -6,22 +6,26 @@ Greedy answers must equal transformers' `model.generate` on the same model, toke
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+from engines.process_priority import CPU_ENGINE_NICE
 from tests.server_process import ServerProcess
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 BACKENDS = ["huggingface", pytest.param("vllm", marks=pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed"))]
 PROMPT = "the capital of france is"
+PROCESSES: dict[str, ServerProcess] = {}  # the servers of the `servers` fixture, by name
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +44,7 @@ def servers(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
         }
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
     started = {name: ServerProcess(args, logs / f"{name}.log", env=env) for name, args in wanted.items()}
+    PROCESSES.update(started)
     try:
         yield {name: server.wait_ready(timeout=300).url for name, server in started.items()}
     finally:
@@ -185,3 +190,19 @@ def test_a_client_that_leaves_aborts_its_request_on_vllm(servers, stream):
     client.completions.create(model="llama", prompt=PROMPT, max_tokens=2)
     wait_until(lambda: vllm_counts(url)[1] > finished_before, 10)
     assert vllm_counts(url)[1] == finished_before + 1
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed")
+def test_vllm_engine_processes_run_below_the_http_worker(servers):
+    """On CPU the engine core's threads (every one of them) run at nice 5 above the worker's own value, so the
+    event loop that answers and streams gets a core first (engines/process_priority.py); the worker is left be."""
+    assert servers["vllm"]
+    tree = psutil.Process(PROCESSES["vllm"].process.pid).children(recursive=True)
+    engines = [process for process in tree if process.name().startswith("VLLM::")]
+    workers = [process for process in tree if "_bentoml_impl.worker" in " ".join(process.cmdline())]
+    assert engines and len(workers) == 1
+    base = os.getpriority(os.PRIO_PROCESS, workers[0].pid)
+    assert base == os.getpriority(os.PRIO_PROCESS, 0)
+    for engine in engines:
+        threads = [os.getpriority(os.PRIO_PROCESS, thread.id) for thread in engine.threads()]
+        assert len(threads) > 1 and set(threads) == {min(base + CPU_ENGINE_NICE, 19)}, (engine.name(), threads)

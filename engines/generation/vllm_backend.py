@@ -46,6 +46,7 @@ from engines.generation.backend import (
     check_sampling,
 )
 from engines.generation.defaults import generation_config_defaults
+from engines.process_priority import descendants, engine_nice, lower_new_processes
 from handlers.errors import InvalidInput, NotReady, Overloaded, ServingError
 from settings.arguments import ServerArguments
 from settings.loading import ModelLoadError, ModelSource
@@ -121,8 +122,9 @@ def serve_namespace(source: ModelSource, args: ServerArguments, **fixed: Any) ->
         raise ModelLoadError(f"invalid vLLM arguments: {error}") from None
 
 
-def build_engine(namespace: argparse.Namespace) -> Any:
-    """vLLM's AsyncLLM from a `vllm serve` Namespace, as `vllm serve` builds it (blocks for seconds)."""
+def build_engine(namespace: argparse.Namespace, nice: int = 0) -> Any:
+    """vLLM's AsyncLLM from a `vllm serve` Namespace, as `vllm serve` builds it (blocks for seconds); the
+    processes it starts (its engine core and any workers) run at `nice`."""
     from vllm import AsyncEngineArgs
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -131,10 +133,13 @@ def build_engine(namespace: argparse.Namespace) -> Any:
         engine_args = AsyncEngineArgs.from_cli_args(namespace)
     except (TypeError, ValueError) as error:
         raise ModelLoadError(f"invalid vLLM engine arguments: {error}") from None
+    before = descendants()
     try:
-        return AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER)
+        engine = AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER)
     except Exception as error:
         raise ModelLoadError(f"the vLLM engine did not start: {type(error).__name__}: {error}") from error
+    lower_new_processes(before, nice, "vLLM engine")
+    return engine
 
 
 class VLLMBackend:
@@ -185,7 +190,8 @@ class VLLMBackend:
                 os.environ.setdefault(name, value)
         namespace = self.serve_arguments()
         # Building the engine blocks for seconds (it starts and waits for the engine-core process).
-        self.engine = await asyncio.to_thread(build_engine, namespace)
+        nice = engine_nice(self.args.engine_nice, on_cpu=self.source.device.type == "cpu")
+        self.engine = await asyncio.to_thread(build_engine, namespace, nice)
         model_config = self.engine.model_config
         self.max_model_len = int(model_config.max_model_len)
         self._max_logprobs = int(getattr(model_config, "max_logprobs", _DEFAULT_MAX_LOGPROBS))

@@ -1,0 +1,72 @@
+"""A lower CPU priority for the processes an engine starts, so the HTTP worker runs first when both want a core.
+
+On a CPU, vLLM's engine core runs the model on OpenMP threads that keep every core busy (and spin between
+steps), while this worker's event loop parses requests, tokenizes prompts, detokenizes and streams every
+token. When both want a core, the kernel's fair scheduler splits it evenly, so a new request's headers and
+first token wait in the run queue behind the engine's threads. With the engine's processes a few steps of
+`nice` lower, the event loop (about a third of one core at 32 streams) gets a core as soon as it has work and
+the engine still has every cycle the loop leaves. Measured with `benchmarks.vllm_side_by_side` (README,
+"Generation on vLLM").
+
+Only ever lowers priority (a higher nice value), which needs no privilege. On Linux a nice value belongs to
+a thread, not a process, so every thread of each process is set; threads the engine starts later inherit the
+value of the thread that starts them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+
+import psutil
+
+logger = logging.getLogger(__name__)
+
+# The default for an engine on CPU: enough for the worker to win a core at once (nice 5 weighs about a third of
+# nice 0 in Linux's scheduler), not so much that the engine loses throughput while the loop is busy.
+CPU_ENGINE_NICE = 5
+
+
+def engine_nice(given: int | None, *, on_cpu: bool) -> int:
+    """The nice value for an engine's processes: the `engine_nice` argument, else CPU_ENGINE_NICE on CPU and 0
+    on a GPU, where the engine's threads mostly wait for the device rather than take the cores."""
+    if given is not None:
+        return given
+    return CPU_ENGINE_NICE if on_cpu else 0
+
+
+def descendants() -> set[int]:
+    """Process ids of every process below this one."""
+    return {child.pid for child in psutil.Process().children(recursive=True)}
+
+
+def thread_ids(pid: int) -> list[int]:
+    try:
+        return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    except OSError:  # gone, or no /proc (not Linux): the process's own value is all there is
+        return [pid]
+
+
+def lower_priority(pids: Iterable[int], nice: int) -> int:
+    """Every thread of these processes at `nice` at least (one already lower keeps its value). Returns how
+    many threads were changed; a process or thread that has gone meanwhile is skipped."""
+    changed = 0
+    for pid in pids:
+        for tid in thread_ids(pid):
+            try:
+                if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+                    os.setpriority(os.PRIO_PROCESS, tid, nice)
+                    changed += 1
+            except (ProcessLookupError, PermissionError):
+                continue
+    return changed
+
+
+def lower_new_processes(before: set[int], nice: int, what: str) -> None:
+    """`lower_priority` on the processes started below this one since `before` was taken (descendants())."""
+    if nice <= 0:
+        return
+    started = sorted(descendants() - before)
+    changed = lower_priority(started, nice)
+    logger.info("%s: %d threads in processes %s now at nice %d", what, changed, started, nice)
