@@ -4,9 +4,11 @@ On a CPU, vLLM's engine core runs the model on OpenMP threads that keep every co
 steps), while this worker's event loop parses requests, tokenizes prompts, detokenizes and streams every
 token. When both want a core, the kernel's fair scheduler splits it evenly, so a new request's headers and
 first token wait in the run queue behind the engine's threads. With the engine's processes a few steps of
-`nice` lower, the event loop (about a third of one core at 32 streams) gets a core as soon as it has work and
-the engine still has every cycle the loop leaves. Measured with `benchmarks.vllm_side_by_side` (README,
-"Generation on vLLM").
+`nice` lower (`engine_nice`), the event loop (about 0.4 of a core at 32 streams) gets a core as soon as it has
+work. It is a trade, so it is off by default: measured with `benchmarks.vllm_side_by_side --also-ours` on 2
+cores, nice 5 cut TTFT at 32 streams by a fifth and cost 5-10% of the output tokens/s, because the engine's
+OpenMP threads then lose the cores to the loop and the client mid-step; nice 1 changed nothing measurable
+(README, "Generation on vLLM").
 
 Only ever lowers priority (a higher nice value), which needs no privilege. On Linux a nice value belongs to
 a thread, not a process, so every thread of each process is set; threads the engine starts later inherit the
@@ -22,18 +24,6 @@ from collections.abc import Iterable
 import psutil
 
 logger = logging.getLogger(__name__)
-
-# The default for an engine on CPU: enough for the worker to win a core at once (nice 5 weighs about a third of
-# nice 0 in Linux's scheduler), not so much that the engine loses throughput while the loop is busy.
-CPU_ENGINE_NICE = 5
-
-
-def engine_nice(given: int | None, *, on_cpu: bool) -> int:
-    """The nice value for an engine's processes: the `engine_nice` argument, else CPU_ENGINE_NICE on CPU and 0
-    on a GPU, where the engine's threads mostly wait for the device rather than take the cores."""
-    if given is not None:
-        return given
-    return CPU_ENGINE_NICE if on_cpu else 0
 
 
 def descendants() -> set[int]:

@@ -17,7 +17,6 @@ from typing import Any
 
 from engines.generation.select import vllm_unavailable_reason
 from engines.generation.vllm_backend import CPU_ENV_DEFAULTS, build_engine, serve_namespace
-from engines.process_priority import engine_nice
 from handlers.errors import NotReady
 from settings.arguments import ServerArguments
 from settings.loading import ModelLoadError, ModelSource
@@ -78,8 +77,7 @@ class VLLMPoolingEngine:
                 os.environ.setdefault(name, value)
         namespace = serve_namespace(self.source, self.args, runner="pooling")
         # Building the engine blocks for seconds: off the event loop.
-        nice = engine_nice(self.args.engine_nice, on_cpu=self.source.device.type == "cpu")
-        self.engine = await asyncio.to_thread(build_engine, namespace, nice)
+        self.engine = await asyncio.to_thread(build_engine, namespace, self.args.engine_nice)
         try:
             self.openai_app = await build_openai_app(self.engine, namespace)
         except Exception as error:

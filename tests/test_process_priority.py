@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from engines.process_priority import CPU_ENGINE_NICE, descendants, engine_nice, lower_new_processes, thread_ids
+from engines.process_priority import descendants, lower_new_processes, thread_ids
 from settings.arguments import ArgumentError, parse_arguments
 
 pytestmark = [
@@ -75,12 +75,9 @@ def test_nice_zero_changes_nothing(start_child) -> None:
     assert thread_nices(child) == [BASE] * 4
 
 
-def test_the_default_is_lower_on_cpu_only_and_the_argument_is_bounded() -> None:
-    assert engine_nice(None, on_cpu=True) == CPU_ENGINE_NICE > 0
-    assert engine_nice(None, on_cpu=False) == 0
-    assert engine_nice(0, on_cpu=True) == 0
-    assert engine_nice(3, on_cpu=False) == 3
-    assert parse_arguments({"engine_nice": "0"}, environ={}).engine_nice == 0
+def test_the_argument_is_off_by_default_and_bounded() -> None:
+    assert parse_arguments({}, environ={}).engine_nice == 0
+    assert parse_arguments({"engine_nice": "5"}, environ={}).engine_nice == 5
     for refused in ("-1", "20"):
         with pytest.raises(ArgumentError, match="engine_nice"):
             parse_arguments({"engine_nice": refused}, environ={})

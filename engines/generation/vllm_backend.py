@@ -46,7 +46,7 @@ from engines.generation.backend import (
     check_sampling,
 )
 from engines.generation.defaults import generation_config_defaults
-from engines.process_priority import descendants, engine_nice, lower_new_processes
+from engines.process_priority import descendants, lower_new_processes
 from handlers.errors import InvalidInput, NotReady, Overloaded, ServingError
 from settings.arguments import ServerArguments
 from settings.loading import ModelLoadError, ModelSource
@@ -190,8 +190,7 @@ class VLLMBackend:
                 os.environ.setdefault(name, value)
         namespace = self.serve_arguments()
         # Building the engine blocks for seconds (it starts and waits for the engine-core process).
-        nice = engine_nice(self.args.engine_nice, on_cpu=self.source.device.type == "cpu")
-        self.engine = await asyncio.to_thread(build_engine, namespace, nice)
+        self.engine = await asyncio.to_thread(build_engine, namespace, self.args.engine_nice)
         model_config = self.engine.model_config
         self.max_model_len = int(model_config.max_model_len)
         self._max_logprobs = int(getattr(model_config, "max_logprobs", _DEFAULT_MAX_LOGPROBS))
