@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from tests.server_process import ServerProcess
+from tests.vllm_server import VLLM_TEST_ENV
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 BACKENDS = ["huggingface", pytest.param("vllm", marks=pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed"))]
@@ -43,8 +44,7 @@ def servers(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
             "dtype": "float32",
             "engine_nice": str(ENGINE_NICE),
         }
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    started = {name: ServerProcess(args, logs / f"{name}.log", env=env) for name, args in wanted.items()}
+    started = {name: ServerProcess(args, logs / f"{name}.log", env=VLLM_TEST_ENV) for name, args in wanted.items()}
     PROCESSES.update(started)
     try:
         yield {name: server.wait_ready(timeout=300).url for name, server in started.items()}
