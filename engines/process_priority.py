@@ -6,8 +6,9 @@ token. When both want a core, the kernel's fair scheduler splits it evenly, so a
 first token wait in the run queue behind the engine's threads. With the engine's processes a few steps of
 `nice` lower (`engine_nice`), the event loop (about 0.4 of a core at 32 streams) gets a core as soon as it has
 work. It is a trade, so it is off by default: measured with `benchmarks.vllm_side_by_side --also-ours` on 2
-cores, nice 5 cut TTFT at 32 streams by a fifth and cost 5-10% of the output tokens/s, because the engine's
-OpenMP threads then lose the cores to the loop and the client mid-step; nice 1 changed nothing measurable
+cores, nice 5 cut TTFT at 32 streams by a fifth and cost 3-7% of the output tokens/s (decoding 17% slower per
+token at 32 streams), because the engine's OpenMP threads then lose the cores to the loop and the client
+mid-step; nice 1 changed nothing measurable
 (README, "Generation on vLLM").
 
 Only ever lowers priority (a higher nice value), which needs no privilege. On Linux a nice value belongs to

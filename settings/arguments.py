@@ -230,7 +230,7 @@ class ServerArguments(BaseModel):
         le=19,
         description="CPU priority (nice value) of the processes vLLM's engine starts, below this worker's, so the "
         "event loop that answers and streams gets a core first when the engine's threads take every core (CPU "
-        "serving). A trade: on 2 cores, 5 cut TTFT under load by a fifth and output tokens/s by 5-10%. Only ever "
+        "serving). A trade: on 2 cores, 5 cut TTFT under load by a fifth and output tokens/s by 3-7%. Only ever "
         "lowers priority (engines/process_priority.py).",
     )
     access_log: bool = Field(False, description="Log one line per HTTP request (BentoML's access log).")
