@@ -8,8 +8,7 @@ first token wait in the run queue behind the engine's threads. With the engine's
 work. It is a trade, so it is off by default: measured with `benchmarks.vllm_side_by_side --also-ours` on 2
 cores, nice 5 cut TTFT at 32 streams by a fifth and cost 3-7% of the output tokens/s (decoding 17% slower per
 token at 32 streams), because the engine's OpenMP threads then lose the cores to the loop and the client
-mid-step; nice 1 changed nothing measurable
-(README, "Generation on vLLM").
+mid-step; nice 1 changed nothing measurable (README, "Generation on vLLM").
 
 Only ever lowers priority (a higher nice value), which needs no privilege. On Linux a nice value belongs to
 a thread, not a process, so every thread of each process is set; threads the engine starts later inherit the
@@ -20,7 +19,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import psutil
 
@@ -54,10 +54,15 @@ def lower_priority(pids: Iterable[int], nice: int) -> int:
     return changed
 
 
-def lower_new_processes(before: set[int], nice: int, what: str) -> None:
-    """`lower_priority` on the processes started below this one since `before` was taken (descendants())."""
+@contextmanager
+def new_processes_at(nice: int, what: str) -> Iterator[None]:
+    """Every process started below this one inside the block runs at `nice` once the block ends without error
+    (`lower_priority`); nothing is looked up when `nice` is 0."""
     if nice <= 0:
+        yield
         return
+    before = descendants()
+    yield
     started = sorted(descendants() - before)
     changed = lower_priority(started, nice)
     logger.info("%s: %d threads in processes %s now at nice %d", what, changed, started, nice)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from engines.process_priority import descendants, lower_new_processes, thread_ids
+from engines.process_priority import new_processes_at, thread_ids
 from settings.arguments import ArgumentError, parse_arguments
 
 pytestmark = [
@@ -51,27 +51,24 @@ def start_child() -> Iterator:
 
 def test_every_thread_of_a_new_process_is_lowered_and_this_process_is_not(start_child) -> None:
     own_before = thread_nices(os.getpid())
-    before = descendants()
-    child = start_child()
-    assert thread_nices(child) == [BASE] * 4
-    lower_new_processes(before, BASE + 7, "test")
+    with new_processes_at(BASE + 7, "test"):
+        child = start_child()
+        assert thread_nices(child) == [BASE] * 4
     assert thread_nices(child) == [BASE + 7] * 4
     assert thread_nices(os.getpid()) == own_before
 
 
 def test_a_process_already_lower_keeps_its_value_and_older_processes_are_untouched(start_child) -> None:
     older = start_child()
-    before = descendants()
-    already_low = start_child(nice=12)
-    lower_new_processes(before, BASE + 5, "test")
+    with new_processes_at(BASE + 5, "test"):
+        already_low = start_child(nice=12)
     assert thread_nices(already_low) == [BASE + 12] * 4  # never raised: that would need privilege
     assert thread_nices(older) == [BASE] * 4
 
 
 def test_nice_zero_changes_nothing(start_child) -> None:
-    before = descendants()
-    child = start_child()
-    lower_new_processes(before, 0, "test")
+    with new_processes_at(0, "test"):
+        child = start_child()
     assert thread_nices(child) == [BASE] * 4
 
 

@@ -46,7 +46,7 @@ from engines.generation.backend import (
     check_sampling,
 )
 from engines.generation.defaults import generation_config_defaults
-from engines.process_priority import descendants, lower_new_processes
+from engines.process_priority import new_processes_at
 from handlers.errors import InvalidInput, NotReady, Overloaded, ServingError
 from settings.arguments import ServerArguments
 from settings.loading import ModelLoadError, ModelSource
@@ -133,13 +133,11 @@ def build_engine(namespace: argparse.Namespace, nice: int = 0) -> Any:
         engine_args = AsyncEngineArgs.from_cli_args(namespace)
     except (TypeError, ValueError) as error:
         raise ModelLoadError(f"invalid vLLM engine arguments: {error}") from None
-    before = descendants()
     try:
-        engine = AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER)
+        with new_processes_at(nice, "vLLM engine"):
+            return AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER)
     except Exception as error:
         raise ModelLoadError(f"the vLLM engine did not start: {type(error).__name__}: {error}") from error
-    lower_new_processes(before, nice, "vLLM engine")
-    return engine
 
 
 class VLLMBackend:
