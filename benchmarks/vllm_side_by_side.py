@@ -18,10 +18,7 @@ to benchmarks/results/.
 
     .venv/bin/python -m benchmarks.vllm_side_by_side [--serve-ours | --ours http://127.0.0.1:3000/openai/v1]
         [--reps 3] [--rounds 2] [--model DIR] [--dtype float32] [--concurrency 1 8 32] [--tokens 64]
-        [--vllm-arg=--enforce-eager ...] [--also-ours engine_nice=0 ...]
-
-`--also-ours NAME=VALUE` starts a second copy of ours with those arguments, measured in the same turns: with
-`engine_nice=0` it is ours without the lower priority of the engine's processes (engines/process_priority.py).
+        [--vllm-arg=--enforce-eager ...] [--also-ours engine_nice=5 ...]
 """
 
 from __future__ import annotations
@@ -43,6 +40,7 @@ import aiohttp
 
 from benchmarks.charts import chart_path, concurrency_chart
 from benchmarks.report import print_table, write_results
+from tests.server_process import ServerProcess, free_port
 
 PROMPTS = [
     "The capital of France is",
@@ -54,14 +52,6 @@ PROMPTS = [
     "My friend Peter travels by plane to",
     "Water is wet, fire is hot, ice is",
 ]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def tiny_llama() -> Path:
@@ -263,8 +253,6 @@ OURS_ARGS = {"backend": "vllm", "model_name": "tiny-llama", "disable_log_stats":
 
 def start_ours(options: argparse.Namespace, extra: dict[str, str], log_name: str = "ours") -> Any:
     """Our server (`bentoml serve`, backend vllm) on the same model, dtype and max_model_len, ready."""
-    from tests.server_process import ServerProcess
-
     arguments = {
         **OURS_ARGS,
         "model_dir": str(options.model),
@@ -293,7 +281,8 @@ def main() -> None:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="with --serve-ours, a second copy of ours with these arguments too (repeat), e.g. engine_nice=0",
+        help="with --serve-ours, a second copy of ours with these arguments too (repeat), e.g. engine_nice=5, "
+        "measured in the same turns",
     )
     parser.add_argument("--vllm-url", help="a vLLM server already running (its /v1 base URL) instead of starting one")
     parser.add_argument("--no-vllm", action="store_true", help="measure only --ours")
@@ -382,9 +371,8 @@ def main() -> None:
             ours_level, vllm_level = (targets[name]["levels"][str(concurrency)] for name in (label, "vllm"))
             ratio = ours_level["output_tokens_per_s"] / vllm_level["output_tokens_per_s"]
             ttft_ratio = ours_level["ttft_p50_ms"] / vllm_level["ttft_p50_ms"]
-            key = "ours" if label == "ours" else label.replace(", ", "_").replace("=", "_").replace(" ", "_")
-            figures.setdefault(f"{key}_over_vllm_tokens_per_s", {})[str(concurrency)] = ratio
-            figures.setdefault(f"{key}_over_vllm_ttft_p50", {})[str(concurrency)] = ttft_ratio
+            figures.setdefault(f"{label}_over_vllm_tokens_per_s", {})[str(concurrency)] = ratio
+            figures.setdefault(f"{label}_over_vllm_ttft_p50", {})[str(concurrency)] = ttft_ratio
             # The issue's target: at least 0.95x vLLM's output tokens/s, TTFT p50 at most 1.1x.
             met = "met" if ratio >= 0.95 and ttft_ratio <= 1.1 else "MISSED"
             headers_ratio = ours_level["headers_p50_ms"] / vllm_level["headers_p50_ms"]
