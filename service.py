@@ -36,6 +36,7 @@ from routes.bentoml_api import TypedApis
 from routes.cancellation import CANCELLED, CancelOnDisconnect
 from routes.common import Timer, vllm_serves_openai
 from routes.errors import install_error_handlers
+from routes.fast_path import FastPath, FastPathTargets
 from routes.guard import RequestGuard
 from routes.lifecycle import Lifecycle
 from routes.openapi import install_bentoml_openapi, install_openapi
@@ -99,7 +100,7 @@ response_deadline.install()  # traffic.timeout below, without BentoML's per-requ
 install_error_handlers(app, ARGS.retry_after_s, ARGS.max_log_len)
 install_openapi(app)
 LIFECYCLE = Lifecycle()
-VLLM_OPENAI = vllm_openai_routes.VLLMOpenAIForwarding()
+FAST_PATH = FastPathTargets()  # filled by the service instance: what the fast path below serves
 
 
 def _resources() -> dict[str, Any]:
@@ -156,9 +157,10 @@ class HuggingFaceService(TypedApis):  # routes are mounted per instance in __ini
         # The fallback router answers unknown paths in their protocol's shape, so it comes last.
         if vllm_serves_openai(self):
             openai_layer: tuple[Any, ...] = (vllm_openai_routes,)
-            VLLM_OPENAI.target = vllm_openai_routes.VLLMOpenAIApp(self)  # the fast path below
+            FAST_PATH.openai = vllm_openai_routes.VLLMOpenAIApp(self)
         else:
             openai_layer = (openai_routes, tokenize_routes)
+        FAST_PATH.kserve = self
         routers = (kserve_routes, *openai_layer, rerank_routes, tei_routes, playground_routes, fallback_routes)
         for build_router in (module.build_router for module in routers):
             app.include_router(build_router(self))
@@ -228,8 +230,9 @@ _GUARD_OPTIONS: dict[str, Any] = {
 }
 app.add_middleware(RequestGuard, **_GUARD_OPTIONS)
 HuggingFaceService.add_asgi_middleware(RequestGuard, **_GUARD_OPTIONS)
-# Inside the guard: on the vLLM backend, /openai/* goes straight to vLLM's app (routes/vllm_openai.py says why).
+# Inside the guard: KServe inference, and /openai/* on the vLLM backend, go straight to their handlers
+# (routes/fast_path.py says why).
 HuggingFaceService.add_asgi_middleware(
-    vllm_openai_routes.VLLMOpenAIFastPath, forwarding=VLLM_OPENAI, retry_after_s=ARGS.retry_after_s
+    FastPath, targets=FAST_PATH, retry_after_s=ARGS.retry_after_s, max_log_len=ARGS.max_log_len
 )
 install_bentoml_openapi(HuggingFaceService)  # /docs: the models our routes name, in BentoML's document too

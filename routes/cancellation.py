@@ -36,10 +36,12 @@ Message = dict[str, Any]
 
 
 class CancelOnDisconnect:
-    """ASGI middleware: `app.add_middleware(CancelOnDisconnect)`."""
+    """ASGI middleware: `app.add_middleware(CancelOnDisconnect)`. `route` labels the counter where no router
+    put its route in the scope (the fast path, routes/fast_path.py); else the route's path template is used."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, route: str | None = None) -> None:
         self.app = app
+        self.route = route
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -58,8 +60,8 @@ class CancelOnDisconnect:
                     if not state["responded"] and handler is not None:
                         state["cancelled"] = True
                         handler.cancel()
-                        route = scope.get("route")
-                        CANCELLED.labels(route=getattr(route, "path", None) or scope.get("path", "")).inc()
+                        route = self.route or getattr(scope.get("route"), "path", None) or scope.get("path", "")
+                        CANCELLED.labels(route=route).inc()
                     return
 
         async def receive_wrapper() -> Message:

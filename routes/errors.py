@@ -7,6 +7,7 @@ request guard (routes/guard.py) answers unexpected exceptions the same way.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -25,6 +26,7 @@ REQUEST_ID_HEADER = "x-request-id"
 # Statuses a client should retry later, and so carry Retry-After.
 _RETRYABLE = {429, 503}
 _HTTP_ERRORS: dict[int, type[ServingError]] = {}
+ErrorResponder = Callable[[str, str, ServingError, str, "dict[str, str] | None"], Response]
 
 
 def request_id_of(scope: dict[str, Any]) -> str:
@@ -79,21 +81,27 @@ def _http_error(status_code: int, message: str) -> ServingError:
     return kind(message)
 
 
+def error_responder(retry_after_s: int, max_log_len: int | None) -> ErrorResponder:
+    """`(method, path, error, request_id, headers)` -> the error's response, a server error (5xx) logged first."""
+
+    def respond(
+        method: str, path: str, error: ServingError, request_id: str, headers: dict[str, str] | None = None
+    ) -> Response:
+        if error.status_code >= 500:
+            message = clip(error.message, max_log_len)
+            logger.warning("%s %s -> %d [%s]: %s", method, path, error.status_code, request_id, message)
+        return error_response(path, error, request_id, retry_after_s, headers)
+
+    return respond
+
+
 def install_error_handlers(app: FastAPI, retry_after_s: int, max_log_len: int | None) -> None:
     """Register the handlers that render every error in its protocol's shape."""
+    logged_error_response = error_responder(retry_after_s, max_log_len)
 
     def render(request: Request, error: ServingError, headers: dict[str, str] | None = None) -> Response:
         request_id = request_id_of(request.scope)
-        if error.status_code >= 500:
-            logger.warning(
-                "%s %s -> %d [%s]: %s",
-                request.method,
-                request.url.path,
-                error.status_code,
-                request_id,
-                clip(error.message, max_log_len),
-            )
-        return error_response(request.url.path, error, request_id, retry_after_s, headers)
+        return logged_error_response(request.method, request.url.path, error, request_id, headers)
 
     async def serving_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, ServingError)

@@ -26,7 +26,7 @@ from settings.tasks import Task
 
 def build_router(served: ServedModel) -> APIRouter:
     router = APIRouter()
-    args, timer = served.args, served.timer
+    args = served.args
 
     @router.get("/", response_model=v1.RootResponse, responses={200: {"content": {"text/html": {}}}})
     async def root(request: Request) -> dict[str, str] | FileResponse:
@@ -55,17 +55,7 @@ def build_router(served: ServedModel) -> APIRouter:
         openapi_extra=request_body(v1.V1PredictRequest),
     )
     async def v1_predict(name: str, request: Request) -> Response:
-        check_model_name(served, name)
-        require_json(request)
-        started = time.perf_counter()
-        texts, request_options = v1.parse_predict_request(await request.body())
-        options = served.runtime.options_for(request_options)
-        timer.observe("preprocess", started)
-        result = await predict(served, texts, options)
-        started = time.perf_counter()
-        response = json_response(v1.predict_response(result))
-        timer.observe("postprocess", started)
-        return response
+        return await answer_v1_predict(served, name, request)
 
     # --- Open Inference Protocol (V2) ---
 
@@ -113,26 +103,50 @@ def build_router(served: ServedModel) -> APIRouter:
     @router.post("/v2/models/{name}/infer", **infer)
     @router.post("/v2/models/{name}/versions/{model_version}/infer", **infer)
     async def v2_infer(name: str, request: Request, model_version: str | None = None) -> Response:
-        check_model_name(served, name)
-        kind = content_type(request)
-        header_length = request.headers.get(v2_binary.HEADER_LENGTH)
-        if kind != v2_binary.CONTENT_TYPE and header_length is None:
-            require_json(request)
-        started = time.perf_counter()
-        body = decompress(
-            await request.body(), request.headers.get("content-encoding", ""), args.max_decompressed_bytes
-        )
-        parsed = v2.parse_infer_request(body, kind, header_length)
-        options = served.runtime.options_for(parsed.options)
-        specs = served.runtime.handler.output_specs(options)
-        v2.select_outputs(specs, parsed.requested_outputs)  # unknown output names fail before the model runs
-        timer.observe("preprocess", started)
-        inputs: list[Any] = parsed.text_pairs() if served.runtime.source.task == Task.rerank else parsed.texts
-        result = await predict(served, inputs, options)
-        started = time.perf_counter()
-        body, media_type, header_length = v2.infer_response(name, parsed, result, specs)
-        headers = {v2_binary.HEADER_LENGTH: str(header_length)} if header_length is not None else None
-        timer.observe("postprocess", started)
-        return Response(body, media_type=media_type, headers=headers)
+        return await answer_v2_infer(served, name, request)
 
     return router
+
+
+# The two inference routes' work, apart from FastAPI: the routes above call them, and so does the fast path under
+# `bentoml serve` (routes/fast_path.py), with the same Starlette request.
+
+
+async def answer_v1_predict(served: ServedModel, name: str, request: Request) -> Response:
+    """KServe V1 `:predict`: {"instances": [...]} in, {"predictions": [...]} out."""
+    check_model_name(served, name)
+    require_json(request)
+    started = time.perf_counter()
+    texts, request_options = v1.parse_predict_request(await request.body())
+    options = served.runtime.options_for(request_options)
+    served.timer.observe("preprocess", started)
+    result = await predict(served, texts, options)
+    started = time.perf_counter()
+    response = json_response(v1.predict_response(result))
+    served.timer.observe("postprocess", started)
+    return response
+
+
+async def answer_v2_infer(served: ServedModel, name: str, request: Request) -> Response:
+    """Open Inference Protocol `infer`, JSON or binary tensors (the model version in the path is not checked)."""
+    check_model_name(served, name)
+    kind = content_type(request)
+    header_length = request.headers.get(v2_binary.HEADER_LENGTH)
+    if kind != v2_binary.CONTENT_TYPE and header_length is None:
+        require_json(request)
+    started = time.perf_counter()
+    body = decompress(
+        await request.body(), request.headers.get("content-encoding", ""), served.args.max_decompressed_bytes
+    )
+    parsed = v2.parse_infer_request(body, kind, header_length)
+    options = served.runtime.options_for(parsed.options)
+    specs = served.runtime.handler.output_specs(options)
+    v2.select_outputs(specs, parsed.requested_outputs)  # unknown output names fail before the model runs
+    served.timer.observe("preprocess", started)
+    inputs: list[Any] = parsed.text_pairs() if served.runtime.source.task == Task.rerank else parsed.texts
+    result = await predict(served, inputs, options)
+    started = time.perf_counter()
+    body, media_type, header_length = v2.infer_response(name, parsed, result, specs)
+    headers = {v2_binary.HEADER_LENGTH: str(header_length)} if header_length is not None else None
+    served.timer.observe("postprocess", started)
+    return Response(body, media_type=media_type, headers=headers)

@@ -10,13 +10,8 @@ An encoder model served with `backend=vllm` gets the same forwarding to its pool
 (engines/vllm_pooling.py).
 Before the engine is up the answer is our 503 (NotReady), like every other route.
 
-Under `bentoml serve` these requests take a fast path (VLLMOpenAIFastPath): a middleware just inside the request
-guard hands them to vLLM's app, past BentoML's context and CORS layers, its router's scan of every route and
-FastAPI's stack. Those layers gave vLLM's app nothing it lacks (its routes abort a request whose client leaves,
-answer their own errors and add their own CORS headers), but cost 0.7-0.9 ms of the API process's CPU per
-streamed request (a probe); at 32 concurrent streams on 2 cores TTFT was 1.22-1.38x vLLM's own server before
-this path (README, "Generation on vLLM"). The router below serves the same forwarding when the FastAPI app
-runs alone (tests/service_app.py).
+Under `bentoml serve` these requests take the fast path (routes/fast_path.py), past BentoML's and FastAPI's
+layers; the router below serves the same forwarding when the FastAPI app runs alone (tests/service_app.py).
 """
 
 from __future__ import annotations
@@ -27,9 +22,8 @@ from typing import Any
 from fastapi import APIRouter
 from starlette.types import Message, Receive, Scope, Send
 
-from handlers.errors import ServingError
 from routes.common import OPENAI_PREFIX, ServedModel
-from routes.errors import error_response, request_id_of
+from routes.errors import request_id_of
 
 
 class VLLMOpenAIApp:
@@ -50,37 +44,6 @@ class VLLMOpenAIApp:
             send = error_bodies_with_request_id(send, request_id)
         # Starlette routes on the path minus root_path: vLLM's /v1/... routes see /openai/v1/... requests.
         await vllm_app({**scope, "root_path": scope.get("root_path", "") + OPENAI_PREFIX}, receive, send)
-
-
-class VLLMOpenAIForwarding:
-    """Where the fast path finds vLLM's app: set by the service instance when vLLM serves /openai."""
-
-    def __init__(self) -> None:
-        self.target: VLLMOpenAIApp | None = None
-
-
-class VLLMOpenAIFastPath:
-    """ASGI middleware (`add_asgi_middleware`, inside RequestGuard): /openai and /openai/* straight to vLLM's
-    app when vLLM serves them; every other request, or every request on the transformers backend, goes on."""
-
-    def __init__(self, app: Any, *, forwarding: VLLMOpenAIForwarding, retry_after_s: int) -> None:
-        self.app = app
-        self.forwarding = forwarding
-        self.retry_after_s = retry_after_s
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        target = self.forwarding.target
-        path = scope.get("path", "")
-        if target is None or scope["type"] != "http" or not (path == OPENAI_PREFIX or path.startswith(_UNDER)):
-            await self.app(scope, receive, send)
-            return
-        try:
-            await target(scope, receive, send)
-        except ServingError as error:  # not ready yet: raised before vLLM's app is called, so nothing was sent
-            await error_response(path, error, request_id_of(scope), self.retry_after_s)(scope, receive, send)
-
-
-_UNDER = OPENAI_PREFIX + "/"
 
 
 def body_with_request_id(body: bytes, request_id: str) -> bytes:
