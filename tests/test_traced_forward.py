@@ -183,3 +183,43 @@ def test_one_lane_collects_at_a_time_so_items_arriving_during_the_wait_join_the_
         batcher.close()
     assert batches == [["a", "b", "c", "d"]]  # not split across the idle lane
     assert most_at_once == 1  # the other lane waited for its turn, not inside _collect
+
+
+def test_each_lane_takes_its_share_of_max_batch_size():
+    """max_batch_size=8 on two lanes: while one lane's pass is held, the other runs the 8 items waiting in two
+    passes of 4 (not one of 8), in ready order; a single item of 6 rows, over the share, still runs whole."""
+    held, release = threading.Event(), threading.Event()
+    batches: list[list[str]] = []
+
+    def process(works: list[str]) -> list[str]:
+        batches.append(list(works))
+        if works[0] == "held":
+            held.set()
+            release.wait(5)
+        return works
+
+    batcher = MicroBatcher(
+        process,
+        max_batch_size=8,
+        max_wait_s=0.5,  # a pass waits for its share to fill: all eight are submitted well within it
+        max_queue_size=100,
+        forward_lanes=2,
+        cost=lambda work: (6 if work == "wide" else 1, 1),
+    )
+    assert batcher.lane_batch_size == 4
+
+    async def run() -> list[str]:
+        first = asyncio.ensure_future(batcher.submit("held"))
+        while not held.is_set():
+            await asyncio.sleep(0.001)
+        others = await asyncio.gather(*(batcher.submit(name) for name in "abcdefgh"))
+        wide = await batcher.submit("wide")
+        release.set()
+        return [await first, *others, wide]
+
+    try:
+        assert asyncio.run(run()) == ["held", *"abcdefgh", "wide"]
+    finally:
+        release.set()
+        batcher.close()
+    assert batches == [["held"], list("abcd"), list("efgh"), ["wide"]]
