@@ -11,8 +11,8 @@ router and request handling:
 - KServe V1 `POST /v1/models/{name}:predict` and Open Inference Protocol `POST /v2/models/{name}[/versions/{v}]/infer`,
   to the same functions the FastAPI routes call (routes/kserve.py), wrapped in the same cancellation on
   disconnect, with errors in the same KServe shape. On a small encoder the event loop's CPU per request fell
-  from 0.53-0.57 to 0.30 ms, which the forward passes use instead: classifier, 32 clients, 2 cores, 312-324
-  against 298-301 requests/s (README, "Where the time goes").
+  from 0.60-0.66 to 0.36-0.37 ms, which the forward passes use instead: classifier, 32 clients, 2 cores,
+  305-306 against 276-289 requests/s (README, "Encoders side by side").
 
 What stays around every request: BentoML's timeout, concurrency, traffic metrics, tracing and access log (outside),
 and the request guard (id, API key, body limit, draining, last-resort 500). The FastAPI routes stay too: they
@@ -39,7 +39,7 @@ Answer = Callable[[ServedModel, str, Request], Awaitable[Response]]
 _OPENAI_UNDER = OPENAI_PREFIX + "/"
 _V1_MODELS, _V1_PREDICT = "/v1/models/", ":predict"
 _V2_MODELS, _V2_INFER = "/v2/models/", "/infer"
-# The FastAPI routes' templates: the cancellation counter's label, as those routes would give it.
+# The FastAPI routes' templates, the cancellation counter's label (a versioned V2 path counts as the plain one).
 V1_PREDICT_ROUTE = "/v1/models/{name}:predict"
 V2_INFER_ROUTE = "/v2/models/{name}/infer"
 

@@ -168,8 +168,8 @@ def wait_until(done: Callable[[], bool], seconds: float) -> None:
 @pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed")
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_client_that_leaves_aborts_its_request_on_vllm(servers, stream):
-    """/openai/* on the vLLM backend is vLLM's own app, past our cancellation layer (routes/vllm_openai.py's fast
-    path): vLLM's routes must abort a request whose client leaves, streamed or not, through `bentoml serve`."""
+    """/openai/* on the vLLM backend is vLLM's own app, past our cancellation layer (routes/fast_path.py):
+    vLLM's routes must abort a request whose client leaves, streamed or not, through `bentoml serve`."""
     url = servers["vllm"]
     _, finished_before = vllm_counts(url)
     # 64 x 240 tokens: ~1.5 s on the tiny model alone (n=4 took 0.4 s, too close to a 0.3 s timeout), so the
