@@ -183,12 +183,7 @@ class ServerArguments(BaseModel):
     log_config_file: str | None = Field(
         None, description="A logging dictConfig as a YAML or JSON file, applied in every worker at start."
     )
-    max_batch_size: int = Field(
-        32,
-        gt=0,
-        description="Most inputs in forward passes at once: with several forward lanes each pass takes its share "
-        "(engines/batcher.py); one request larger than that still runs whole.",
-    )
+    max_batch_size: int = Field(32, gt=0, description="Most inputs in passes at once, shared by the forward lanes.")
     max_batch_tokens: int = Field(16384, gt=0, description="Token budget of one forward pass (padded length x inputs).")
     max_wait_ms: float = Field(
         0.0,

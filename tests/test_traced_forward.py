@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -98,11 +99,13 @@ def test_inputs_other_than_the_traced_ones_run_eagerly(tiny_models):
     assert torch.equal(handler.model_output(inputs), eager)
 
 
-def test_forward_lanes_run_passes_at_once_each_single_threaded_in_ready_order():
-    """Two lanes: batches run on the second lane while the first lane's pass is held, in ready order."""
+def holding_the_first_pass() -> tuple[
+    Callable[[list[str]], list[str]], threading.Event, threading.Event, list[tuple[str, list[str]]]
+]:
+    """A batcher's `process` that records (thread name, works) of each pass and holds a pass starting with
+    "held" (setting `held`) until `release` is set; with (process, held, release, batches)."""
     held, release = threading.Event(), threading.Event()
     batches: list[tuple[str, list[str]]] = []
-    setups: list[bool] = []
 
     def process(works: list[str]) -> list[str]:
         batches.append((threading.current_thread().name, list(works)))
@@ -110,6 +113,14 @@ def test_forward_lanes_run_passes_at_once_each_single_threaded_in_ready_order():
             held.set()
             release.wait(5)
         return works
+
+    return process, held, release, batches
+
+
+def test_forward_lanes_run_passes_at_once_each_single_threaded_in_ready_order():
+    """Two lanes: batches run on the second lane while the first lane's pass is held, in ready order."""
+    process, held, release, batches = holding_the_first_pass()
+    setups: list[bool] = []
 
     batcher = MicroBatcher(
         process,
@@ -188,15 +199,7 @@ def test_one_lane_collects_at_a_time_so_items_arriving_during_the_wait_join_the_
 def test_each_lane_takes_its_share_of_max_batch_size():
     """max_batch_size=8 on two lanes: while one lane's pass is held, the other runs the 8 items waiting in two
     passes of 4 (not one of 8), in ready order; a single item of 6 rows, over the share, still runs whole."""
-    held, release = threading.Event(), threading.Event()
-    batches: list[list[str]] = []
-
-    def process(works: list[str]) -> list[str]:
-        batches.append(list(works))
-        if works[0] == "held":
-            held.set()
-            release.wait(5)
-        return works
+    process, held, release, batches = holding_the_first_pass()
 
     batcher = MicroBatcher(
         process,
@@ -222,4 +225,4 @@ def test_each_lane_takes_its_share_of_max_batch_size():
     finally:
         release.set()
         batcher.close()
-    assert batches == [["held"], list("abcd"), list("efgh"), ["wide"]]
+    assert [works for _, works in batches] == [["held"], list("abcd"), list("efgh"), ["wide"]]
