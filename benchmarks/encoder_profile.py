@@ -6,7 +6,8 @@ clients, one sentence per V1 request by default, and reads, over the measured se
   (`hf-forward` with the OpenMP threads it starts, `hf-express`, `hf-tokenize-N`; the event loop is the main
   thread; anything else is `other`), per request served;
 - the batcher's `encoder_batch_rows` and `encoder_forward_pass_seconds` histograms from /metrics: passes, rows
-  per pass, and the share of the time the forward thread was running a pass.
+  per pass and how they spread (passes of 1, 2-4, 5-8, 9-16, 17-32 rows), and the share of the time the
+  forward lanes were running a pass.
 Prints a table and writes JSON to benchmarks/results/ (no chart: a handful of numbers).
 
     .venv/bin/python -m benchmarks.encoder_profile [--concurrency 32] [--inputs 1] [--seconds 10] [--arg ...]
@@ -29,6 +30,8 @@ from benchmarks.report import print_table, write_results
 from tests.server_process import ServerProcess
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# Bucket bounds of `encoder_batch_rows` the profile reports passes by: how even the lanes' passes are.
+ROWS_BOUNDS = ("1.0", "4.0", "8.0", "16.0", "32.0", "+Inf")
 
 
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
@@ -50,9 +53,26 @@ def batcher_figures(url: str) -> dict[str, float]:
     figures: dict[str, float] = defaultdict(float)
     for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
         for sample in family.samples:
-            if sample.labels.get("lane") == "forward" and sample.name.endswith(("_count", "_sum")):
+            if sample.labels.get("lane") != "forward":
+                continue
+            if sample.name.endswith(("_count", "_sum")):
                 figures[sample.name] += sample.value
+            elif sample.name == "encoder_batch_rows_bucket" and sample.labels["le"] in ROWS_BOUNDS:
+                figures[f"passes of rows <= {sample.labels['le']}"] += sample.value  # cumulative, as Prometheus's
     return figures
+
+
+def rows_distribution(passes: dict[str, float]) -> dict[str, float]:
+    """Passes per range of rows ("1", "2-4", ..., "over 32") from the cumulative bucket counts."""
+    distribution: dict[str, float] = {}
+    below, low = 0.0, 1
+    for bound in ROWS_BOUNDS:
+        upto = passes.get(f"passes of rows <= {bound}", 0.0)
+        high = None if bound == "+Inf" else int(float(bound))
+        label = f"over {low - 1}" if high is None else str(high) if high == low else f"{low}-{high}"
+        distribution[label] = upto - below
+        below, low = upto, (high or 0) + 1
+    return distribution
 
 
 def main() -> None:
@@ -94,6 +114,7 @@ def main() -> None:
         "passes": count,
         "rows_per_pass": passes.get("encoder_batch_rows_sum", 0.0) / count if count else 0.0,
         "forward_busy_share": passes.get("encoder_forward_pass_seconds_sum", 0.0) / options.seconds,
+        "passes_by_rows": rows_distribution(passes),
     }
     rows = [[name, f"{ms:.2f}"] for name, ms in sorted(figures["cpu_ms_per_request"].items(), key=lambda kv: -kv[1])]
     rows += [
@@ -103,6 +124,7 @@ def main() -> None:
         ["rows per pass", f"{figures['rows_per_pass']:.1f}"],
         # Summed over the lanes: 200% is two lanes each always in a pass.
         ["forward lanes busy (sum)", f"{100 * figures['forward_busy_share']:.0f}%"],
+        *([f"passes of {rows} row(s)", f"{count:.0f}"] for rows, count in figures["passes_by_rows"].items()),
     ]
     print_table(["thread (CPU ms per request) / figure", "value"], rows)
     write_results("encoder_profile", figures)
