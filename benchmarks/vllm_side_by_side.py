@@ -13,7 +13,13 @@ most 1.1x).
 parsed and its prompt tokenized, before it reaches the engine, so it is the share of TTFT spent in the HTTP
 layers and the route (with the event loop's queue in front of them), and TTFT minus it the engine's.
 TPOT is (last token - first token) / (tokens - 1) per request: a server that delivers tokens in bursts
-shows a low TPOT and a higher TTFT, so compare latency p50 as well. Prints a table and writes JSON
+shows a low TPOT and a higher TTFT, so compare latency p50 as well. For the servers started here, "API CPU"
+and "engine CPU" are the CPU seconds their API process and their engine-core process spent per output token
+(from /proc, user and system): what each server's layers cost, which moves with the machine's speed too (on
+a shared VM the same server's figure can double between runs seconds apart). The turn order flips every
+repetition, so neither server always runs first. Besides the ratio of the medians (the issue's target), the
+"by pair" row takes ours / vLLM in each repetition, whose two runs are seconds apart, and gives the median
+and quartiles; the last lines give each server's spread between repetitions. Prints a table and writes JSON
 to benchmarks/results/.
 
     .venv/bin/python -m benchmarks.vllm_side_by_side [--serve-ours | --ours http://127.0.0.1:3000/openai/v1]
@@ -26,12 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ import aiohttp
 
 from benchmarks.charts import chart_path, concurrency_chart
 from benchmarks.report import print_table, write_results
-from tests.server_process import ServerProcess, free_port
+from benchmarks.vllm_servers import OURS_ARGS, ServerCPU, VLLMServer, start_ours, tiny_llama
 
 PROMPTS = [
     "The capital of France is",
@@ -52,59 +53,6 @@ PROMPTS = [
     "My friend Peter travels by plane to",
     "Water is wet, fire is hot, ice is",
 ]
-
-
-def tiny_llama() -> Path:
-    """The tiny Llama of tests/tiny_models.py, built into a temporary folder."""
-    from tests.tiny_models import build_llama
-
-    return build_llama(Path(tempfile.mkdtemp(prefix="vllm-bench-")) / "llama")
-
-
-class VLLMServer:
-    """vLLM's OpenAI server in a subprocess (its own session, so stop() ends its engine process too)."""
-
-    def __init__(self, model: Path, name: str, extra: list[str], log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.log_path = log_path
-        command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
-        command += ["--served-model-name", name, "--host", "127.0.0.1", "--port", str(self.port), *extra]
-        env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **os.environ}
-        env["HF_HUB_OFFLINE"] = "1"
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.started = time.perf_counter()
-        self.process = subprocess.Popen(
-            command, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.start_seconds = float("nan")
-
-    async def wait_ready(self, timeout: float) -> None:
-        deadline = time.perf_counter() + timeout
-        async with aiohttp.ClientSession() as session:
-            while time.perf_counter() < deadline:
-                if self.process.poll() is not None:
-                    tail = self.log_path.read_text(errors="replace")[-4000:]
-                    raise RuntimeError(f"vLLM server exited with {self.process.returncode}:\n{tail}")
-                try:
-                    async with session.get(self.url.removesuffix("/v1") + "/health") as response:
-                        if response.status == 200:
-                            self.start_seconds = time.perf_counter() - self.started
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.5)
-        raise TimeoutError(f"vLLM server not ready after {timeout:.0f} s; log: {self.log_path}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
-        self._log.close()
 
 
 async def model_name(session: aiohttp.ClientSession, base_url: str) -> str:
@@ -161,8 +109,10 @@ async def one_request(
     }
 
 
-async def run_level(base_url: str, model: str, concurrency: int, requests: int, tokens: int) -> dict[str, Any]:
-    """`requests` completions, `concurrency` at a time (closed loop)."""
+async def run_level(
+    base_url: str, model: str, concurrency: int, requests: int, tokens: int, cpu: ServerCPU | None = None
+) -> dict[str, Any]:
+    """`requests` completions, `concurrency` at a time (closed loop); with `cpu`, the server's CPU per token."""
     results: list[dict[str, float]] = []
     errors: list[str] = []
     queue = list(range(requests))
@@ -178,9 +128,11 @@ async def run_level(base_url: str, model: str, concurrency: int, requests: int, 
                 except (TimeoutError, RuntimeError, aiohttp.ClientError) as error:
                     errors.append(str(error))
 
+        cpu_before = cpu.seconds() if cpu else (float("nan"), float("nan"))
         started = time.perf_counter()
         await asyncio.gather(*(user() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
+        cpu_after = cpu.seconds() if cpu else (float("nan"), float("nan"))
     if not results:
         raise RuntimeError(f"every request failed, e.g. {errors[:1]}")
     ttfts = sorted(r["ttft"] for r in results)
@@ -199,6 +151,8 @@ async def run_level(base_url: str, model: str, concurrency: int, requests: int, 
         "tpot_p50_ms": 1000 * statistics.median(tpots) if tpots else float("nan"),
         "tpot_p99_ms": 1000 * tpots[int(0.99 * (len(tpots) - 1))] if tpots else float("nan"),
         "latency_p50_ms": 1000 * statistics.median(r["latency"] for r in results),
+        "api_cpu_us_per_token": 1e6 * (cpu_after[0] - cpu_before[0]) / total_tokens,
+        "engine_cpu_us_per_token": 1e6 * (cpu_after[1] - cpu_before[1]) / total_tokens,
     }
 
 
@@ -212,6 +166,8 @@ MEDIAN_KEYS = (
     "tpot_p50_ms",
     "tpot_p99_ms",
     "latency_p50_ms",
+    "api_cpu_us_per_token",
+    "engine_cpu_us_per_token",
 )
 
 
@@ -224,10 +180,16 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def measure(
-    targets: dict[str, tuple[str, str | None]], levels: list[int], tokens: int, rounds: int, reps: int = 1
+    targets: dict[str, tuple[str, str | None]],
+    levels: list[int],
+    tokens: int,
+    rounds: int,
+    reps: int = 1,
+    cpus: dict[str, ServerCPU] | None = None,
 ) -> dict:
     """Every level on every target, `reps` times, the targets taking turns per level so both see the same
-    machine (and the same drift); medians per level."""
+    machine (and the same drift), in reversed order every other repetition; medians per level."""
+    cpus = cpus or {}
     figures: dict[str, Any] = {}
     models: dict[str, str] = {}
     runs: dict[str, dict[int, list[dict[str, Any]]]] = {label: {c: [] for c in levels} for label in targets}
@@ -237,32 +199,57 @@ async def measure(
         await run_level(base_url, models[label], 2, 4, tokens)  # warm-up
         figures[label] = {"url": base_url, "model": models[label], "levels": {}}
     for rep in range(reps):
+        turns = list(targets.items()) if rep % 2 == 0 else list(reversed(targets.items()))
         for concurrency in levels:
             requests = max(rounds * concurrency, MIN_REQUESTS)
-            for label, (base_url, _) in targets.items():
+            for label, (base_url, _) in turns:
                 print(f"{label}: rep {rep + 1}/{reps}, concurrency {concurrency}, {requests} requests ...", flush=True)
                 await run_level(base_url, models[label], concurrency, min(concurrency, requests), tokens)  # unmeasured
-                runs[label][concurrency].append(await run_level(base_url, models[label], concurrency, requests, tokens))
+                run = await run_level(base_url, models[label], concurrency, requests, tokens, cpus.get(label))
+                runs[label][concurrency].append(run)
     for label in targets:
         figures[label]["levels"] = {str(c): median_of(runs[label][c]) for c in levels}
     return figures
 
 
-OURS_ARGS = {"backend": "vllm", "model_name": "tiny-llama", "disable_log_stats": "true"}
+def paired(ours_runs: list[dict[str, Any]], vllm_runs: list[dict[str, Any]], key: str) -> list[float]:
+    """ours / vLLM for each repetition: the two runs of a pair are seconds apart, so they share the machine's
+    state (on this VM the same server's throughput moves by a factor of 2 between runs a few seconds apart)."""
+    return [ours[key] / vllm[key] for ours, vllm in zip(ours_runs, vllm_runs, strict=True)]
 
 
-def start_ours(options: argparse.Namespace, extra: dict[str, str], log_name: str = "ours") -> Any:
-    """Our server (`bentoml serve`, backend vllm) on the same model, dtype and max_model_len, ready."""
-    arguments = {
-        **OURS_ARGS,
-        "model_dir": str(options.model),
-        "max_model_len": str(options.max_model_len),
-        "dtype": options.dtype,
-        **extra,
-    }
-    print(f"starting ours: bentoml serve {arguments} ...", flush=True)
-    log = Path(f"/tmp/vllm-side-by-side-{log_name}.log")
-    return ServerProcess(arguments, log).wait_ready(options.start_timeout)
+def spread(ratios: list[float]) -> str:
+    """Median and quartiles of paired ratios, e.g. `0.97x (0.93-1.02)`."""
+    if len(ratios) < 2:
+        return f"{ratios[0]:.2f}x"
+    q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return f"{q2:.2f}x ({q1:.2f}-{q3:.2f})"
+
+
+def ratio_rows(
+    label: str, ours: dict[str, Any], vllm: dict[str, Any], concurrency: int, figures: dict[str, Any]
+) -> list[list[str]]:
+    """The issue's target on the medians (at least 0.95x vLLM's output tokens/s, TTFT p50 at most 1.1x), and
+    the same ratios taken pair by pair, with their quartiles, to show how far the run's noise reaches."""
+    ratio = ours["output_tokens_per_s"] / vllm["output_tokens_per_s"]
+    ttft_ratio = ours["ttft_p50_ms"] / vllm["ttft_p50_ms"]
+    headers_ratio = ours["headers_p50_ms"] / vllm["headers_p50_ms"]
+    api_ratio = ours["api_cpu_us_per_token"] / vllm["api_cpu_us_per_token"]
+    for name, value in [("tokens_per_s", ratio), ("ttft_p50", ttft_ratio), ("api_cpu_per_token", api_ratio)]:
+        figures.setdefault(f"{label}_over_vllm_{name}", {})[str(concurrency)] = value
+    pairs = {key: paired(ours["runs"], vllm["runs"], key) for key in MEDIAN_KEYS}
+    figures.setdefault(f"{label}_over_vllm_paired", {})[str(concurrency)] = pairs
+    met = "met" if ratio >= 0.95 and ttft_ratio <= 1.1 else "MISSED"
+    ratios = [f"{ratio:.2f}x", f"{ttft_ratio:.2f}x", f"{headers_ratio:.2f}x"]
+    name = f"{label}/vllm"
+    columns = ["output_tokens_per_s", "ttft_p50_ms", "headers_p50_ms", "ttft_p99_ms", "tpot_p50_ms"]
+    by_pair = [spread(pairs[key]) for key in columns]
+    by_pair += ["", spread(pairs["latency_p50_ms"]), spread(pairs["api_cpu_us_per_token"])]
+    by_pair.append(spread(pairs["engine_cpu_us_per_token"]))
+    return [
+        [name, str(concurrency), met, *ratios, "", "", "", "", f"{api_ratio:.2f}x", ""],
+        [f"{name} by pair", str(concurrency), "", *by_pair],
+    ]
 
 
 def main() -> None:
@@ -338,7 +325,11 @@ def main() -> None:
             asyncio.run(server.wait_ready(options.start_timeout))
             figures["vllm_server"]["start_seconds"] = server.start_seconds
             print(f"vLLM server ready in {server.start_seconds:.1f} s", flush=True)
-        targets = asyncio.run(measure(urls, options.concurrency, options.tokens, options.rounds, options.reps))
+        cpus = {label: ServerCPU(ours.process.pid) for label, ours in started.items()}
+        if server is not None:
+            cpus["vllm"] = ServerCPU(server.process.pid)
+        measuring = measure(urls, options.concurrency, options.tokens, options.rounds, options.reps, cpus)
+        targets = asyncio.run(measuring)
     finally:
         if server is not None:
             server.stop()
@@ -348,7 +339,7 @@ def main() -> None:
 
     header = ["server", "conc.", "requests", "out tok/s", "TTFT p50 ms", "headers p50 ms", "TTFT p99 ms"]
     header += ["TPOT p50 ms", "TPOT p99 ms"]
-    header.append("latency p50 ms")
+    header += ["latency p50 ms", "API CPU us/token", "engine CPU us/token"]
     rows = []
     for concurrency in options.concurrency:
         for label, target in targets.items():
@@ -365,21 +356,28 @@ def main() -> None:
                     f"{r['tpot_p50_ms']:.2f}",
                     f"{r['tpot_p99_ms']:.2f}",
                     f"{r['latency_p50_ms']:.0f}",
+                    f"{r['api_cpu_us_per_token']:.0f}",
+                    f"{r['engine_cpu_us_per_token']:.0f}",
                 ]
             )
         for label in [label for label in targets if label != "vllm" and "vllm" in targets]:
-            ours_level, vllm_level = (targets[name]["levels"][str(concurrency)] for name in (label, "vllm"))
-            ratio = ours_level["output_tokens_per_s"] / vllm_level["output_tokens_per_s"]
-            ttft_ratio = ours_level["ttft_p50_ms"] / vllm_level["ttft_p50_ms"]
-            figures.setdefault(f"{label}_over_vllm_tokens_per_s", {})[str(concurrency)] = ratio
-            figures.setdefault(f"{label}_over_vllm_ttft_p50", {})[str(concurrency)] = ttft_ratio
-            # The issue's target: at least 0.95x vLLM's output tokens/s, TTFT p50 at most 1.1x.
-            met = "met" if ratio >= 0.95 and ttft_ratio <= 1.1 else "MISSED"
-            headers_ratio = ours_level["headers_p50_ms"] / vllm_level["headers_p50_ms"]
-            ratios = [f"{ratio:.2f}x", f"{ttft_ratio:.2f}x", f"{headers_ratio:.2f}x"]
-            rows.append([f"{label}/vllm", str(concurrency), met, *ratios, "", "", "", ""])
+            rows += ratio_rows(
+                label,
+                targets[label]["levels"][str(concurrency)],
+                targets["vllm"]["levels"][str(concurrency)],
+                concurrency,
+                figures,
+            )
     print()
     print_table(header, rows)
+    print("\nthe spread between repetitions (min-max), of each server alone on the machine:")
+    for label, target in targets.items():
+        for concurrency, level in target["levels"].items():
+            ranges = {
+                key: [run[key] for run in level["runs"]] for key in ("output_tokens_per_s", "api_cpu_us_per_token")
+            }
+            tokens, api = (f"{min(values):.0f}-{max(values):.0f}" for values in ranges.values())
+            print(f"  {label}, c={concurrency}: output tok/s {tokens}, API CPU us/token {api}")
     json_path = write_results("vllm_side_by_side", figures)
     levels = {label: target["levels"] for label, target in targets.items()}
     concurrency_chart(
