@@ -36,7 +36,7 @@ from routes.bentoml_api import TypedApis
 from routes.cancellation import CANCELLED, CancelOnDisconnect
 from routes.common import Timer, vllm_serves_openai
 from routes.errors import install_error_handlers
-from routes.fast_path import FastPath, FastPathTargets
+from routes.fast_path import FastPath, FastPathTargets, direct_routes
 from routes.guard import RequestGuard
 from routes.lifecycle import Lifecycle
 from routes.openapi import install_bentoml_openapi, install_openapi
@@ -164,6 +164,7 @@ class HuggingFaceService(TypedApis):  # routes are mounted per instance in __ini
         routers = (kserve_routes, *openai_layer, rerank_routes, tei_routes, playground_routes, fallback_routes)
         for build_router in (module.build_router for module in routers):
             app.include_router(build_router(self))
+        FAST_PATH.direct = direct_routes(app.routes)
 
     @bentoml.on_startup
     async def _start(self) -> None:

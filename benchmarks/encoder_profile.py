@@ -1,7 +1,8 @@
 """Where an encoder request's time goes under load: CPU per request by thread, and how full the batches are.
 
 Serves the embedded model (or `--arg NAME=VALUE ...`), loads it with wrk (aiohttp without it) at `--concurrency`
-clients, one sentence per V1 request by default, and reads, over the measured seconds:
+clients, one sentence per request by default, on KServe V1 `:predict` (or `--route embed` for TEI's /embed,
+`--route openai` for /openai/v1/embeddings), and reads, over the measured seconds:
 - each thread's CPU time from /proc/PID/task/*/stat, grouped by the OS thread name the batcher gives its threads
   (`hf-forward` with the OpenMP threads it starts, `hf-express`, `hf-tokenize-N`; the event loop is the main
   thread; anything else is `other`), per request served;
@@ -10,7 +11,8 @@ clients, one sentence per V1 request by default, and reads, over the measured se
   forward lanes were running a pass.
 Prints a table and writes JSON to benchmarks/results/ (no chart: a handful of numbers).
 
-    .venv/bin/python -m benchmarks.encoder_profile [--concurrency 32] [--inputs 1] [--seconds 10] [--arg ...]
+    .venv/bin/python -m benchmarks.encoder_profile [--concurrency 32] [--inputs 1] [--seconds 10] [--route v1]
+        [--arg ...]
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ from tests.server_process import ServerProcess
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # Bucket bounds of `encoder_batch_rows` the profile reports passes by: how even the lanes' passes are.
 ROWS_BOUNDS = ("1.0", "4.0", "8.0", "16.0", "32.0", "+Inf")
+# Each route's path and the body of `inputs` sentences it takes.
+ROUTES = {
+    "v1": ("/v1/models/model:predict", "instances"),
+    "embed": ("/embed", "inputs"),
+    "openai": ("/openai/v1/embeddings", "input"),
+}
 
 
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
@@ -80,6 +88,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--inputs", type=int, default=1, help="sentences per request")
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--route",
+        choices=sorted(ROUTES),
+        default="v1",
+        help="the route loaded (embed and openai need an embedding model)",
+    )
     parser.add_argument("--arg", action="append", default=[], help="server argument NAME=VALUE (repeat)")
     options = parser.parse_args()
     server_args = dict(item.split("=", 1) for item in options.arg)
@@ -87,8 +101,8 @@ def main() -> None:
     logs.mkdir(parents=True, exist_ok=True)
     server = ServerProcess(server_args, logs / "encoder-profile.log").wait_ready()
     try:
-        url = f"{server.url}/v1/models/model:predict"
-        body = {"instances": [SENTENCE] * options.inputs}
+        path, field = ROUTES[options.route]
+        url, body = f"{server.url}{path}", {field: [SENTENCE] * options.inputs}
         closed_loop(url, body, options.concurrency, 2)  # warm-up
         # The worker serving requests: the process under `bentoml serve` with torch's threads.
         worker = max(psutil.Process(server.process.pid).children(recursive=True), key=lambda p: p.num_threads())
@@ -106,6 +120,7 @@ def main() -> None:
         "generator": generator_name(),
         "concurrency": options.concurrency,
         "inputs_per_request": options.inputs,
+        "route": options.route,
         "seconds": options.seconds,
         "server_args": server_args,
         "load": load,

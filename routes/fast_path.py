@@ -13,6 +13,10 @@ router and request handling:
   disconnect, with errors in the same KServe shape. On a small encoder the event loop's CPU per request fell
   from 0.60-0.66 to 0.36-0.37 ms, which the forward passes use instead: classifier, 32 clients, 2 cores,
   305-306 against 276-289 requests/s (README, "Encoders side by side").
+- TEI's `POST /embed`, `/predict` and `/rerank`, and ours for OpenAI's `POST /openai/v1/embeddings` (DIRECT_POST_PATHS),
+  to the FastAPI route's own endpoint (DirectRoute): called with the request, or with the JSON body parsed by the
+  endpoint's one pydantic parameter as FastAPI parses it. A body that does not parse goes on to the FastAPI route,
+  replayed, so a validation error reads exactly as it always has; only valid requests take the short way.
 
 What stays around every request: BentoML's timeout, concurrency, traffic metrics, tracing and access log (outside),
 and the request guard (id, API key, body limit, draining, last-resort 500). The FastAPI routes stay too: they
@@ -22,11 +26,17 @@ schema. Any other method or path goes on unchanged, so a GET on `:predict` is an
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import functools
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
+import orjson
+from fastapi.datastructures import DefaultPlaceholder
+from fastapi.routing import APIRoute
+from pydantic import TypeAdapter, ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from handlers.errors import ServingError
 from routes.cancellation import CLIENT_CLOSED_REQUEST, CancelOnDisconnect
@@ -42,6 +52,8 @@ _V2_MODELS, _V2_INFER = "/v2/models/", "/infer"
 # The FastAPI routes' templates, the cancellation counter's label (a versioned V2 path counts as the plain one).
 V1_PREDICT_ROUTE = "/v1/models/{name}:predict"
 V2_INFER_ROUTE = "/v2/models/{name}/infer"
+# POST routes served by their endpoint directly (on the vLLM backend /openai/* is vLLM's app, served above).
+DIRECT_POST_PATHS = ("/embed", "/predict", "/rerank", OPENAI_PREFIX + "/v1/embeddings")
 
 
 def kserve_inference(method: str, path: str) -> tuple[str, str] | None:
@@ -66,6 +78,85 @@ class FastPathTargets:
     def __init__(self) -> None:
         self.openai: ASGIApp | None = None  # vLLM's app (routes.vllm_openai.VLLMOpenAIApp) on the vLLM backend
         self.kserve: ServedModel | None = None
+        self.direct: dict[str, DirectRoute] = {}  # by path: direct_routes() of the service's FastAPI app
+
+
+def _is_json(content_type: str | None, strict: bool) -> bool:
+    """FastAPI's rule for reading a body as JSON: application/json or application/*+json, or no content type
+    when the route's `strict_content_type` is off."""
+    if not content_type:
+        return not strict
+    media_type = content_type.partition(";")[0].strip().lower()
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
+
+
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    """`receive` with the body, already read, given once more first."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+class DirectRoute:
+    """A FastAPI POST route's endpoint, called without FastAPI: given the request, or the JSON body validated
+    by the endpoint's one pydantic parameter (Python mode on the decoded JSON, as FastAPI validates it).
+    A body that is not JSON or not valid goes to `fallback` (the FastAPI route), replayed. Raises ValueError
+    for an endpoint with any other input (path, query or header parameters, dependencies)."""
+
+    def __init__(self, route: APIRoute) -> None:
+        dependant = route.dependant
+        other_inputs = (dependant.path_params, dependant.query_params, dependant.header_params, dependant.cookie_params)
+        other_names = (dependant.response_param_name, dependant.background_tasks_param_name)
+        bodies = dependant.body_params
+        body_only = len(bodies) == 1 and not getattr(bodies[0].field_info, "embed", False)
+        takes_request = dependant.request_param_name is not None
+        if any(other_inputs) or any(other_names) or dependant.dependencies or takes_request == body_only:
+            raise ValueError(f"POST {route.path}: a direct route's one input is the request or one JSON body")
+        self.path = route.path
+        self.endpoint: Callable[..., Awaitable[Any]] = route.endpoint
+        self.request_param = dependant.request_param_name
+        self.body_param = bodies[0].name if body_only else None
+        self.body_type: TypeAdapter[Any] | None = TypeAdapter(bodies[0].field_info.annotation) if body_only else None
+        strict = route.strict_content_type
+        self.strict_content_type = bool(strict.value if isinstance(strict, DefaultPlaceholder) else strict)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, fallback: ASGIApp) -> None:
+        request = Request(scope, receive)
+        try:
+            if self.body_type is None:
+                response = await self.endpoint(**{str(self.request_param): request})
+            else:
+                body = await request.body()
+                try:
+                    if not _is_json(request.headers.get("content-type"), self.strict_content_type):
+                        raise ValueError("not JSON")
+                    parsed = self.body_type.validate_python(orjson.loads(body))
+                except (ValueError, ValidationError):  # orjson.JSONDecodeError is a ValueError
+                    await fallback(scope, _replaying(body, receive), send)
+                    return
+                response = await self.endpoint(**{str(self.body_param): parsed})
+        except ClientDisconnect:  # left while its body was being read: nobody reads an answer
+            response = Response(status_code=CLIENT_CLOSED_REQUEST)
+        if not isinstance(response, Response):
+            raise TypeError(f"POST {self.path}: a direct route's endpoint returns a Response, not {type(response)}")
+        await response(scope, receive, send)
+
+
+def direct_routes(routes: Iterable[Any], paths: Iterable[str] = DIRECT_POST_PATHS) -> dict[str, DirectRoute]:
+    """The DirectRoutes of `paths` among an app's routes (those it has: each depends on the backend and task)."""
+    wanted = set(paths)
+    return {
+        route.path: DirectRoute(route)
+        for route in routes
+        if isinstance(route, APIRoute) and route.path in wanted and route.methods == {"POST"}
+    }
 
 
 class KServeInference:
@@ -98,6 +189,7 @@ class FastPath:
             route: CancelOnDisconnect(KServeInference(targets, answer, route), route=route)
             for route, answer in ((V1_PREDICT_ROUTE, answer_v1_predict), (V2_INFER_ROUTE, answer_v2_infer))
         }
+        self.direct: dict[str, ASGIApp] = {}  # built on first use: the targets are set after this middleware
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         target = self._target(scope) if scope["type"] == "http" else None
@@ -115,6 +207,12 @@ class FastPath:
         path: str = scope["path"]
         if self.targets.openai is not None and (path == OPENAI_PREFIX or path.startswith(_OPENAI_UNDER)):
             return self.targets.openai
+        if scope["method"] == "POST" and path in self.targets.direct:
+            app = self.direct.get(path)
+            if app is None:
+                serve = functools.partial(self.targets.direct[path], fallback=self.app)
+                app = self.direct[path] = CancelOnDisconnect(serve, route=path)
+            return app
         if self.targets.kserve is None:
             return None
         matched = kserve_inference(scope["method"], path)

@@ -1,9 +1,11 @@
-"""The fast path of routes/fast_path.py: under `bentoml serve`, KServe inference and (on the vLLM backend) /openai/*
-go from the request guard straight to their handlers; everything else goes on.
+"""The fast path of routes/fast_path.py: under `bentoml serve`, KServe inference, TEI's /embed, /predict and
+/rerank, OpenAI embeddings and (on the vLLM backend) /openai/* go from the request guard straight to their
+handlers; everything else goes on.
 
-Fast and in-process. For KServe the real service is loaded with a tiny classifier (tests/service_app.py) and
-every request is answered both ways, by the fast path (whose fall-through app fails the test if reached) and
-by the FastAPI routes, and the answers must be the same. For vLLM a small ASGI app stands in for vLLM's; through
+Fast and in-process. For KServe and the direct routes the real service is loaded with a tiny classifier or
+embedder (tests/service_app.py) and every request is answered both ways, by the fast path (whose fall-through
+app fails the test if reached, or, for the direct routes, counts whether it was) and by the FastAPI routes, and
+the answers must be the same. For vLLM a small ASGI app stands in for vLLM's; through
 the real server that path is driven by tests/test_http_generation.py and tests/test_vllm_openai.py (slow).
 """
 
@@ -21,9 +23,20 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from fastapi import FastAPI
+from pydantic import BaseModel
 
 from handlers.errors import NotReady
-from routes.fast_path import V1_PREDICT_ROUTE, V2_INFER_ROUTE, FastPath, FastPathTargets, kserve_inference
+from routes.fast_path import (
+    DIRECT_POST_PATHS,
+    V1_PREDICT_ROUTE,
+    V2_INFER_ROUTE,
+    DirectRoute,
+    FastPath,
+    FastPathTargets,
+    direct_routes,
+    kserve_inference,
+)
 from routes.guard import RequestGuard
 from routes.vllm_openai import VLLMOpenAIApp
 from tests.service_app import load_service, stop_service
@@ -128,13 +141,7 @@ REQUESTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(REQUESTS))
-def test_kserve_inference_answers_as_the_fastapi_routes(service, case):
-    path, kwargs = REQUESTS[case]
-    targets = FastPathTargets()
-    targets.kserve = service.FAST_PATH.kserve  # the instance load_service started
-    fast = call(guarded(must_not_be_reached, targets), "POST", path, **kwargs)
-    routed = call(service.app, "POST", path, **kwargs)
+def assert_same_answer(fast: httpx.Response, routed: httpx.Response) -> None:
     assert fast.status_code == routed.status_code
     for header in ("content-type", "inference-header-content-length", "retry-after"):
         assert fast.headers.get(header) == routed.headers.get(header)
@@ -146,6 +153,16 @@ def test_kserve_inference_answers_as_the_fastapi_routes(service, case):
         assert fast_body == routed_body
     else:
         assert fast.content == routed.content
+
+
+@pytest.mark.parametrize("case", sorted(REQUESTS))
+def test_kserve_inference_answers_as_the_fastapi_routes(service, case):
+    path, kwargs = REQUESTS[case]
+    targets = FastPathTargets()
+    targets.kserve = service.FAST_PATH.kserve  # the instance load_service started
+    fast = call(guarded(must_not_be_reached, targets), "POST", path, **kwargs)
+    routed = call(service.app, "POST", path, **kwargs)
+    assert_same_answer(fast, routed)
     if case == "v1":
         assert fast.status_code == 200 and len(fast.json()["predictions"]) == 2
 
@@ -157,6 +174,119 @@ def test_other_kserve_requests_go_on(service):
     routed = call(service.app, "GET", "/v1/models/sst:predict")
     assert answer.status_code == routed.status_code >= 400 and answer.json()["error"] == routed.json()["error"]
     assert call(guarded(bentoml_app, targets), "GET", "/v2/models/sst").text == "bentoml  /v2/models/sst"
+
+
+# --- TEI and OpenAI embeddings: the FastAPI route's own endpoint, without FastAPI -----------------------------
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_models: dict[str, Path]) -> Iterator[Any]:
+    module, instance = load_service({"model_dir": str(tiny_models["sentence_transformers"]), "model_name": "emb"})
+    yield module
+    stop_service(instance)
+
+
+TEXT = {"content-type": "text/plain"}
+# case: (service fixture, path, request, whether the FastAPI route answers it: a body that does not parse)
+DIRECT_REQUESTS: dict[str, tuple[str, str, dict[str, Any], bool]] = {
+    "embed": ("embedder", "/embed", {"json": {"inputs": ["a good film", "a bad film"]}}, False),
+    "embed one, not normalized": ("embedder", "/embed", {"json": {"inputs": "a film", "normalize": False}}, False),
+    "embed, no content type": ("embedder", "/embed", {"content": b'{"inputs": "a film"}'}, True),  # strict
+    "embed, JSON with a charset": (
+        "embedder",
+        "/embed",
+        {"content": b'{"inputs": "a"}', "headers": {"content-type": "application/json; charset=utf-8"}},
+        False,
+    ),
+    "embed, unknown prompt": ("embedder", "/embed", {"json": {"inputs": "a", "prompt_name": "nope"}}, False),
+    "embed, inputs not text": ("embedder", "/embed", {"json": {"inputs": 3}}, True),
+    "embed, not JSON": ("embedder", "/embed", {"content": b"{not json", "headers": JSON}, True),
+    "embed, text/plain": ("embedder", "/embed", {"content": b'{"inputs": "a"}', "headers": TEXT}, True),
+    "embed, empty body": ("embedder", "/embed", {"content": b""}, True),
+    "embed, on a classifier": ("service", "/embed", {"json": {"inputs": "a film"}}, False),
+    "predict": ("service", "/predict", {"json": {"inputs": "a good film"}}, False),
+    "predict, raw scores, two": ("service", "/predict", {"json": {"inputs": ["a", "b"], "raw_scores": True}}, False),
+    "predict, on an embedder": ("embedder", "/predict", {"json": {"inputs": "a film"}}, False),
+    "rerank, on an embedder": ("embedder", "/rerank", {"json": {"query": "q", "texts": ["a"]}}, False),
+    "rerank, no texts": ("embedder", "/rerank", {"json": {"query": "q", "texts": []}}, False),
+    "openai embeddings": ("embedder", "/openai/v1/embeddings", {"json": {"input": ["a", "b"], "model": "emb"}}, False),
+    "openai, unknown model": ("embedder", "/openai/v1/embeddings", {"json": {"input": "a", "model": "x"}}, False),
+    "openai, not JSON": ("embedder", "/openai/v1/embeddings", {"content": b"{x", "headers": JSON}, False),
+    "openai, text/csv": (
+        "embedder",
+        "/openai/v1/embeddings",
+        {"content": b"a", "headers": {"content-type": "text/csv"}},
+        False,
+    ),
+    "openai, on a classifier": ("service", "/openai/v1/embeddings", {"json": {"input": "a"}}, False),
+}
+
+
+class Counted:
+    """An ASGI app that counts the requests it is given."""
+
+    def __init__(self, app: Any) -> None:
+        self.app, self.calls = app, 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.calls += 1
+        await self.app(scope, receive, send)
+
+
+@pytest.mark.parametrize("case", sorted(DIRECT_REQUESTS))
+def test_direct_routes_answer_as_the_fastapi_routes(request, case):
+    fixture, path, kwargs, routed_by_fastapi = DIRECT_REQUESTS[case]
+    module = request.getfixturevalue(fixture)
+    targets = FastPathTargets()
+    targets.direct = module.FAST_PATH.direct
+    rest = Counted(module.app)
+    fast = call(guarded(rest, targets), "POST", path, **kwargs)
+    routed = call(module.app, "POST", path, **kwargs)
+    assert_same_answer(fast, routed)
+    assert rest.calls == int(routed_by_fastapi)
+    if case in ("embed", "openai embeddings", "predict, raw scores, two"):
+        assert fast.status_code == 200
+
+
+def test_the_service_serves_every_direct_path_it_has(embedder, service):
+    assert sorted(embedder.FAST_PATH.direct) == sorted(DIRECT_POST_PATHS)
+    assert sorted(service.FAST_PATH.direct) == sorted(DIRECT_POST_PATHS)
+
+
+def test_other_methods_and_paths_go_on(embedder):
+    targets = FastPathTargets()
+    targets.direct = embedder.FAST_PATH.direct
+    rest = Counted(embedder.app)
+    assert call(guarded(rest, targets), "GET", "/embed").status_code == 405
+    assert call(guarded(rest, targets), "POST", "/embed_all", json={"inputs": "a"}).status_code == 200
+    assert rest.calls == 2
+
+
+class Body(BaseModel):
+    text: str
+
+
+def test_a_direct_route_takes_only_a_body_or_the_request():
+    app = FastAPI()
+
+    @app.post("/body")
+    async def body(item: Body) -> None: ...
+
+    @app.post("/with-query")
+    async def with_query(item: Body, limit: int = 3) -> None: ...
+
+    @app.post("/two-bodies")
+    async def two_bodies(first: Body, second: Body) -> None: ...
+
+    @app.post("/nothing")
+    async def nothing() -> None: ...
+
+    routes = {route.path: route for route in app.routes}
+    assert DirectRoute(routes["/body"]).body_param == "item"
+    for path in ("/with-query", "/two-bodies", "/nothing"):
+        with pytest.raises(ValueError, match=path):
+            DirectRoute(routes[path])
+    assert list(direct_routes(app.routes, ["/body", "/elsewhere"])) == ["/body"]
 
 
 # --- vLLM: /openai/* straight to vLLM's app ---------------------------------------------------------------------
