@@ -1,8 +1,8 @@
 """Where an encoder request's time goes under load: CPU per request by thread, and how full the batches are.
 
 Serves the embedded model (or `--arg NAME=VALUE ...`), loads it with wrk (aiohttp without it) at `--concurrency`
-clients, one sentence per request by default, on KServe V1 `:predict` (or `--route embed` for TEI's /embed,
-`--route openai` for /openai/v1/embeddings), and reads, over the measured seconds:
+clients, one sentence per request by default, on KServe V1 `:predict` (or `--route embed` for TEI's /embed, `root`
+for POST /, `openai` for /openai/v1/embeddings), and reads, over the measured seconds:
 - each thread's CPU time from /proc/PID/task/*/stat, grouped by the OS thread name the batcher gives its threads
   (`hf-forward` with the OpenMP threads it starts, `hf-express`, `hf-tokenize-N`; the event loop is the main
   thread; anything else is `other`), per request served;
@@ -38,6 +38,7 @@ ROWS_BOUNDS = ("1.0", "4.0", "8.0", "16.0", "32.0", "+Inf")
 ROUTES = {
     "v1": ("/v1/models/model:predict", "instances"),
     "embed": ("/embed", "inputs"),
+    "root": ("/", "inputs"),  # where huggingface_hub's InferenceClient posts
     "openai": ("/openai/v1/embeddings", "input"),
 }
 

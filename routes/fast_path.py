@@ -13,10 +13,11 @@ router and request handling:
   disconnect, with errors in the same KServe shape. On a small encoder the event loop's CPU per request fell
   from 0.60-0.66 to 0.36-0.37 ms, which the forward passes use instead: classifier, 32 clients, 2 cores,
   305-306 against 276-289 requests/s (README, "Encoders side by side").
-- TEI's `POST /embed`, `/predict` and `/rerank`, and ours for OpenAI's `POST /openai/v1/embeddings` (DIRECT_POST_PATHS),
-  to the FastAPI route's own endpoint (DirectRoute): called with the request, or with the JSON body parsed by the
-  endpoint's one pydantic parameter as FastAPI parses it. A body that does not parse goes on to the FastAPI route,
-  replayed, so a validation error reads exactly as it always has; only valid requests take the short way.
+- TEI's `POST /embed`, `/predict` and `/rerank`, `POST /` (where huggingface_hub's InferenceClient posts), and ours
+  for OpenAI's `POST /openai/v1/embeddings` (DIRECT_POST_PATHS), to the FastAPI route's own endpoint (DirectRoute):
+  called with the request and or the JSON body parsed by the endpoint's one pydantic parameter as FastAPI parses
+  it. A body that does not parse goes on to the FastAPI route, replayed, so a validation error reads exactly as it
+  always has; only valid requests take the short way.
 
 What stays around every request: BentoML's timeout, concurrency, traffic metrics, tracing and access log (outside),
 and the request guard (id, API key, body limit, draining, last-resort 500). The FastAPI routes stay too: they
@@ -53,7 +54,7 @@ _V2_MODELS, _V2_INFER = "/v2/models/", "/infer"
 V1_PREDICT_ROUTE = "/v1/models/{name}:predict"
 V2_INFER_ROUTE = "/v2/models/{name}/infer"
 # POST routes served by their endpoint directly (on the vLLM backend /openai/* is vLLM's app, served above).
-DIRECT_POST_PATHS = ("/embed", "/predict", "/rerank", OPENAI_PREFIX + "/v1/embeddings")
+DIRECT_POST_PATHS = ("/", "/embed", "/predict", "/rerank", OPENAI_PREFIX + "/v1/embeddings")
 
 
 def kserve_inference(method: str, path: str) -> tuple[str, str] | None:
@@ -105,43 +106,44 @@ def _replaying(body: bytes, receive: Receive) -> Receive:
 
 
 class DirectRoute:
-    """A FastAPI POST route's endpoint, called without FastAPI: given the request, or the JSON body validated
-    by the endpoint's one pydantic parameter (Python mode on the decoded JSON, as FastAPI validates it).
+    """A FastAPI POST route's endpoint, called without FastAPI, with what it takes: the request, and or the JSON
+    body validated by its one pydantic parameter (Python mode on the decoded JSON, as FastAPI validates it).
     A body that is not JSON or not valid goes to `fallback` (the FastAPI route), replayed. Raises ValueError
-    for an endpoint with any other input (path, query or header parameters, dependencies)."""
+    for an endpoint with any other input (path, query or header parameters, dependencies, several bodies)."""
 
     def __init__(self, route: APIRoute) -> None:
         dependant = route.dependant
         other_inputs = (dependant.path_params, dependant.query_params, dependant.header_params, dependant.cookie_params)
         other_names = (dependant.response_param_name, dependant.background_tasks_param_name)
         bodies = dependant.body_params
-        body_only = len(bodies) == 1 and not getattr(bodies[0].field_info, "embed", False)
+        embedded = any(getattr(body.field_info, "embed", False) for body in bodies)
         takes_request = dependant.request_param_name is not None
-        if any(other_inputs) or any(other_names) or dependant.dependencies or takes_request == body_only:
-            raise ValueError(f"POST {route.path}: a direct route's one input is the request or one JSON body")
+        if any(other_inputs) or any(other_names) or dependant.dependencies or len(bodies) > 1 or embedded:
+            raise ValueError(f"POST {route.path}: a direct route takes the request and or one JSON body, no more")
+        if not (bodies or takes_request):
+            raise ValueError(f"POST {route.path}: a direct route takes the request and or one JSON body, not nothing")
         self.path = route.path
         self.endpoint: Callable[..., Awaitable[Any]] = route.endpoint
         self.request_param = dependant.request_param_name
-        self.body_param = bodies[0].name if body_only else None
-        self.body_type: TypeAdapter[Any] | None = TypeAdapter(bodies[0].field_info.annotation) if body_only else None
+        self.body_param = bodies[0].name if bodies else None
+        self.body_type: TypeAdapter[Any] | None = TypeAdapter(bodies[0].field_info.annotation) if bodies else None
         strict = route.strict_content_type
         self.strict_content_type = bool(strict.value if isinstance(strict, DefaultPlaceholder) else strict)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, fallback: ASGIApp) -> None:
         request = Request(scope, receive)
+        arguments: dict[str, Any] = {} if self.request_param is None else {self.request_param: request}
         try:
-            if self.body_type is None:
-                response = await self.endpoint(**{str(self.request_param): request})
-            else:
-                body = await request.body()
+            if self.body_type is not None and self.body_param is not None:
+                body = await request.body()  # kept by the request, for an endpoint that reads it again
                 try:
                     if not _is_json(request.headers.get("content-type"), self.strict_content_type):
                         raise ValueError("not JSON")
-                    parsed = self.body_type.validate_python(orjson.loads(body))
+                    arguments[self.body_param] = self.body_type.validate_python(orjson.loads(body))
                 except (ValueError, ValidationError):  # orjson.JSONDecodeError is a ValueError
                     await fallback(scope, _replaying(body, receive), send)
                     return
-                response = await self.endpoint(**{str(self.body_param): parsed})
+            response = await self.endpoint(**arguments)
         except ClientDisconnect:  # left while its body was being read: nobody reads an answer
             response = Response(status_code=CLIENT_CLOSED_REQUEST)
         if not isinstance(response, Response):

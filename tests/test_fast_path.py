@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from pydantic import BaseModel
 
 from handlers.errors import NotReady
@@ -209,6 +209,10 @@ DIRECT_REQUESTS: dict[str, tuple[str, str, dict[str, Any], bool]] = {
     "predict, on an embedder": ("embedder", "/predict", {"json": {"inputs": "a film"}}, False),
     "rerank, on an embedder": ("embedder", "/rerank", {"json": {"query": "q", "texts": ["a"]}}, False),
     "rerank, no texts": ("embedder", "/rerank", {"json": {"query": "q", "texts": []}}, False),
+    "root, embed": ("embedder", "/", {"json": {"inputs": ["a", "b"]}}, False),
+    "root, classify": ("service", "/", {"json": {"inputs": "a good film"}}, False),
+    "root, pipeline shape": ("service", "/", {"json": {"inputs": "a good film", "parameters": {"top_k": 1}}}, False),
+    "root, no inputs": ("embedder", "/", {"json": {"texts": ["a"]}}, True),
     "openai embeddings": ("embedder", "/openai/v1/embeddings", {"json": {"input": ["a", "b"], "model": "emb"}}, False),
     "openai, unknown model": ("embedder", "/openai/v1/embeddings", {"json": {"input": "a", "model": "x"}}, False),
     "openai, not JSON": ("embedder", "/openai/v1/embeddings", {"content": b"{x", "headers": JSON}, False),
@@ -220,6 +224,10 @@ DIRECT_REQUESTS: dict[str, tuple[str, str, dict[str, Any], bool]] = {
     ),
     "openai, on a classifier": ("service", "/openai/v1/embeddings", {"json": {"input": "a"}}, False),
 }
+
+
+ANSWERED = {"embed", "predict", "predict, raw scores, two", "root, embed", "root, classify", "root, pipeline shape"}
+ANSWERED |= {"openai embeddings", "embed one, not normalized", "embed, JSON with a charset"}
 
 
 class Counted:
@@ -244,7 +252,7 @@ def test_direct_routes_answer_as_the_fastapi_routes(request, case):
     routed = call(module.app, "POST", path, **kwargs)
     assert_same_answer(fast, routed)
     assert rest.calls == int(routed_by_fastapi)
-    if case in ("embed", "openai embeddings", "predict, raw scores, two"):
+    if case in ANSWERED:
         assert fast.status_code == 200
 
 
@@ -281,8 +289,13 @@ def test_a_direct_route_takes_only_a_body_or_the_request():
     @app.post("/nothing")
     async def nothing() -> None: ...
 
+    @app.post("/body-and-request")
+    async def body_and_request(item: Body, request: Request) -> None: ...
+
     routes = {route.path: route for route in app.routes}
     assert DirectRoute(routes["/body"]).body_param == "item"
+    both = DirectRoute(routes["/body-and-request"])
+    assert (both.body_param, both.request_param) == ("item", "request")
     for path in ("/with-query", "/two-bodies", "/nothing"):
         with pytest.raises(ValueError, match=path):
             DirectRoute(routes[path])
