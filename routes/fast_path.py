@@ -191,7 +191,7 @@ class FastPath:
             route: CancelOnDisconnect(KServeInference(targets, answer, route), route=route)
             for route, answer in ((V1_PREDICT_ROUTE, answer_v1_predict), (V2_INFER_ROUTE, answer_v2_infer))
         }
-        self.direct: dict[str, ASGIApp] = {}  # built on first use: the targets are set after this middleware
+        self.direct: dict[DirectRoute, ASGIApp] = {}  # built on first use: targets are set after this middleware
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         target = self._target(scope) if scope["type"] == "http" else None
@@ -209,11 +209,12 @@ class FastPath:
         path: str = scope["path"]
         if self.targets.openai is not None and (path == OPENAI_PREFIX or path.startswith(_OPENAI_UNDER)):
             return self.targets.openai
-        if scope["method"] == "POST" and path in self.targets.direct:
-            app = self.direct.get(path)
+        direct = self.targets.direct.get(path) if scope["method"] == "POST" else None
+        if direct is not None:
+            app = self.direct.get(direct)
             if app is None:
-                serve = functools.partial(self.targets.direct[path], fallback=self.app)
-                app = self.direct[path] = CancelOnDisconnect(serve, route=path)
+                serve = functools.partial(direct, fallback=self.app)
+                app = self.direct[direct] = CancelOnDisconnect(serve, route=path)
             return app
         if self.targets.kserve is None:
             return None
