@@ -28,6 +28,7 @@ schema. Any other method or path goes on unchanged, so a GET on `:predict` is an
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -109,7 +110,8 @@ class DirectRoute:
     """A FastAPI POST route's endpoint, called without FastAPI, with what it takes: the request, and or the JSON
     body validated by its one pydantic parameter (Python mode on the decoded JSON, as FastAPI validates it).
     A body that is not JSON or not valid goes to `fallback` (the FastAPI route), replayed. Raises ValueError
-    for an endpoint with any other input (path, query or header parameters, dependencies, several bodies)."""
+    for an endpoint with any other input (path, query or header parameters, dependencies, several bodies) or
+    that is not a coroutine function."""
 
     def __init__(self, route: APIRoute) -> None:
         dependant = route.dependant
@@ -122,6 +124,8 @@ class DirectRoute:
             raise ValueError(f"POST {route.path}: a direct route takes the request and or one JSON body, no more")
         if not (bodies or takes_request):
             raise ValueError(f"POST {route.path}: a direct route takes the request and or one JSON body, not nothing")
+        if not inspect.iscoroutinefunction(route.endpoint):  # FastAPI runs a plain function on its thread pool
+            raise ValueError(f"POST {route.path}: a direct route's endpoint is a coroutine function")
         self.path = route.path
         self.endpoint: Callable[..., Awaitable[Any]] = route.endpoint
         self.request_param = dependant.request_param_name

@@ -289,6 +289,9 @@ def test_a_direct_route_takes_only_a_body_or_the_request():
     @app.post("/nothing")
     async def nothing() -> None: ...
 
+    @app.post("/sync")
+    def sync(item: Body) -> None: ...
+
     @app.post("/body-and-request")
     async def body_and_request(item: Body, request: Request) -> None: ...
 
@@ -296,7 +299,7 @@ def test_a_direct_route_takes_only_a_body_or_the_request():
     assert DirectRoute(routes["/body"]).body_param == "item"
     both = DirectRoute(routes["/body-and-request"])
     assert (both.body_param, both.request_param) == ("item", "request")
-    for path in ("/with-query", "/two-bodies", "/nothing"):
+    for path in ("/with-query", "/two-bodies", "/nothing", "/sync"):
         with pytest.raises(ValueError, match=path):
             DirectRoute(routes[path])
     assert list(direct_routes(app.routes, ["/body", "/elsewhere"])) == ["/body"]
