@@ -1,6 +1,6 @@
 """The fast path of routes/fast_path.py: under `bentoml serve`, KServe inference, TEI's /embed, /predict and
-/rerank, OpenAI embeddings and (on the vLLM backend) /openai/* go from the request guard straight to their
-handlers; everything else goes on.
+/rerank, POST /, OpenAI embeddings and (on the vLLM backend) /openai/* go from the request guard straight to
+their handlers; everything else goes on.
 
 Fast and in-process. For KServe and the direct routes the real service is loaded with a tiny classifier or
 embedder (tests/service_app.py) and every request is answered both ways, by the fast path (whose fall-through
