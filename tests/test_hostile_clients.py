@@ -127,27 +127,30 @@ async def _leave_after(url: str, path: str, body: dict[str, object], seconds: fl
 
 
 def test_clients_that_leave_free_the_generation_engine(servers):
-    """16 non-streamed requests (n=8, 200 tokens: minutes of work together) left after 1.5 s: every handler is
-    cancelled, so the engine's rows are freed and a new request is answered."""
+    """18 non-streamed requests (n=8, 200 tokens: minutes of work together) left after 1.5 s, on OpenAI, KServe
+    V1 and TGI's POST / (the last two on the fast path): every handler is cancelled, so the engine's rows are
+    freed and a new request is answered."""
     url = servers["llama"]
     before = _cancelled_count(url)
     openai_body = {"model": "llama", "prompt": "the capital of france is", "max_tokens": 200, "n": 8,
                    "temperature": 1, "ignore_eos": True}  # fmt: skip
     v1_body = {"instances": ["the capital of france is"], "parameters": {"max_tokens": 200, "temperature": 1}}
+    tgi_body = {"inputs": "the capital of france is", "parameters": {"max_new_tokens": 200, "do_sample": True}}
 
     async def leave_all() -> list[bytes]:
         return await asyncio.gather(
             *(_leave_after(url, "/openai/v1/completions", openai_body, 1.5) for _ in range(12)),
             *(_leave_after(url, "/v1/models/llama:predict", v1_body, 1.5) for _ in range(4)),
+            *(_leave_after(url, "/", tgi_body, 1.5) for _ in range(2)),
         )
 
     answered_early = [reply for reply in asyncio.run(leave_all()) if reply]
     # Polled, not timed: the counter must reach one per request that left before its answer.
     for _ in range(100):
-        if _cancelled_count(url) - before >= 16 - len(answered_early):
+        if _cancelled_count(url) - before >= 18 - len(answered_early):
             break
         asyncio.run(asyncio.sleep(0.1))
-    assert _cancelled_count(url) - before == 16 - len(answered_early) > 0
+    assert _cancelled_count(url) - before == 18 - len(answered_early) > 0
     # Their requests end too, not only their handlers: BentoML's timeout layer would otherwise hold each one,
     # and a graceful stop, for traffic.timeout (600 s).
     for _ in range(100):
