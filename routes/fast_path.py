@@ -33,9 +33,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import orjson
+from fastapi._compat import ModelField
 from fastapi.datastructures import DefaultPlaceholder
 from fastapi.routing import APIRoute
-from pydantic import TypeAdapter, ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -108,7 +108,7 @@ def _replaying(body: bytes, receive: Receive) -> Receive:
 
 class DirectRoute:
     """A FastAPI POST route's endpoint, called without FastAPI, with what it takes: the request, and or the JSON
-    body validated by its one pydantic parameter (Python mode on the decoded JSON, as FastAPI validates it).
+    body validated by its one body parameter's own field (`ModelField.validate`, what FastAPI's handler calls).
     A body that is not JSON or not valid goes to `fallback` (the FastAPI route), replayed. Raises ValueError
     for an endpoint with any other input (path, query or header parameters, dependencies, several bodies) or
     that is not a coroutine function."""
@@ -129,8 +129,7 @@ class DirectRoute:
         self.path = route.path
         self.endpoint: Callable[..., Awaitable[Any]] = route.endpoint
         self.request_param = dependant.request_param_name
-        self.body_param = bodies[0].name if bodies else None
-        self.body_type: TypeAdapter[Any] | None = TypeAdapter(bodies[0].field_info.annotation) if bodies else None
+        self.body_field: ModelField | None = bodies[0] if bodies else None  # validates as the FastAPI route does
         strict = route.strict_content_type
         self.strict_content_type = bool(strict.value if isinstance(strict, DefaultPlaceholder) else strict)
 
@@ -138,21 +137,31 @@ class DirectRoute:
         request = Request(scope, receive)
         arguments: dict[str, Any] = {} if self.request_param is None else {self.request_param: request}
         try:
-            if self.body_type is not None and self.body_param is not None:
+            if self.body_field is not None:
                 body = await request.body()  # kept by the request, for an endpoint that reads it again
-                try:
-                    if not _is_json(request.headers.get("content-type"), self.strict_content_type):
-                        raise ValueError("not JSON")
-                    arguments[self.body_param] = self.body_type.validate_python(orjson.loads(body))
-                except (ValueError, ValidationError):  # orjson.JSONDecodeError is a ValueError
+                parsed, refused = self._parse(request.headers.get("content-type"), body)
+                if refused:
                     await fallback(scope, _replaying(body, receive), send)
                     return
+                arguments[self.body_field.name] = parsed
             response = await self.endpoint(**arguments)
         except ClientDisconnect:  # left while its body was being read: nobody reads an answer
             response = Response(status_code=CLIENT_CLOSED_REQUEST)
         if not isinstance(response, Response):
             raise TypeError(f"POST {self.path}: a direct route's endpoint returns a Response, not {type(response)}")
         await response(scope, receive, send)
+
+    def _parse(self, content_type: str | None, body: bytes) -> tuple[Any, bool]:
+        """(the body as the endpoint's parameter, whether FastAPI would refuse it)."""
+        assert self.body_field is not None
+        if not _is_json(content_type, self.strict_content_type):
+            return None, True
+        try:
+            decoded = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None, True
+        parsed, errors = self.body_field.validate(decoded)
+        return parsed, bool(errors)
 
 
 def direct_routes(routes: Iterable[Any], paths: Iterable[str] = DIRECT_POST_PATHS) -> dict[str, DirectRoute]:

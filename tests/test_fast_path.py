@@ -296,9 +296,10 @@ def test_a_direct_route_takes_only_a_body_or_the_request():
     async def body_and_request(item: Body, request: Request) -> None: ...
 
     routes = {route.path: route for route in app.routes}
-    assert DirectRoute(routes["/body"]).body_param == "item"
+    body_field = DirectRoute(routes["/body"]).body_field
+    assert body_field is not None and body_field.name == "item"
     both = DirectRoute(routes["/body-and-request"])
-    assert (both.body_param, both.request_param) == ("item", "request")
+    assert both.body_field is not None and (both.body_field.name, both.request_param) == ("item", "request")
     for path in ("/with-query", "/two-bodies", "/nothing", "/sync"):
         with pytest.raises(ValueError, match=path):
             DirectRoute(routes[path])
