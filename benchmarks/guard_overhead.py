@@ -1,8 +1,10 @@
 """The request guard's own CPU cost per request, in-process: a trivial ASGI app called directly, and the
-same app behind routes.guard.RequestGuard (without and with an API key). CPU time, best of 5 rounds, so the
-figure holds on a busy machine where HTTP benchmarks are too noisy to see a few microseconds.
+same app behind routes.guard.RequestGuard (without and with an API key), behind the response deadline
+(routes/response_deadline.py) and behind both. CPU time, best of 5 rounds, so the figure holds on a busy
+machine where HTTP benchmarks are too noisy to see a few microseconds. With `--chunks N` the app streams its
+answer in N body messages (as an SSE stream of N tokens does), so each layer's per-message share shows too.
 
-    .venv/bin/python -m benchmarks.guard_overhead [--requests 20000]
+    .venv/bin/python -m benchmarks.guard_overhead [--requests 20000] [--chunks 0]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 from benchmarks.report import print_table, write_results
 from routes.guard import RequestGuard
 from routes.lifecycle import Lifecycle
+from routes.response_deadline import ResponseDeadline
 
 HEADERS = [
     (b"host", b"localhost:3000"),
@@ -26,10 +29,17 @@ HEADERS = [
 ]
 
 
-async def plain(scope: Any, receive: Any, send: Any) -> None:
-    await receive()
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
-    await send({"type": "http.response.body", "body": b"{}"})
+def plain_app(chunks: int) -> Any:
+    """A trivial ASGI app answering `{}`, or with `chunks` > 0 that many `data: x` messages and an empty last one."""
+
+    async def plain(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        for _ in range(chunks):
+            await send({"type": "http.response.body", "body": b"data: x\n\n", "more_body": True})
+        await send({"type": "http.response.body", "body": b"" if chunks else b"{}"})
+
+    return plain
 
 
 async def cpu_us_per_request(app: Any, requests: int) -> float:
@@ -49,12 +59,16 @@ async def cpu_us_per_request(app: Any, requests: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--chunks", type=int, default=0, help="body messages per answer (0: one body)")
     options = parser.parse_args()
+    plain = plain_app(options.chunks)
     common = {"max_request_bytes": 4 << 20, "retry_after_s": 1, "max_log_len": None, "state": Lifecycle()}
     apps = {
         "no guard": plain,
         "guard": RequestGuard(plain, api_key=None, **common),
         "guard + API key": RequestGuard(plain, api_key="k" * 32, **common),
+        "response deadline": ResponseDeadline(plain, timeout=600),
+        "response deadline + guard": ResponseDeadline(RequestGuard(plain, api_key=None, **common), timeout=600),
     }
 
     async def run() -> dict[str, float]:
@@ -64,7 +78,8 @@ def main() -> None:
 
     figures = asyncio.run(run())
     print_table(["app", "CPU µs per request"], [[name, f"{value:.2f}"] for name, value in figures.items()])
-    write_results("guard_overhead", {"requests": options.requests, "cpu_us_per_request": figures})
+    figures_out = {"requests": options.requests, "chunks": options.chunks, "cpu_us_per_request": figures}
+    write_results("guard_overhead", figures_out)
 
 
 if __name__ == "__main__":
