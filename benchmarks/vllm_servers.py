@@ -72,6 +72,21 @@ class VLLMServer:
         self._log.close()
 
 
+async def wait_for_health(base_url: str, timeout: float) -> None:
+    """Until GET {base_url}/health answers 200 (vLLM's app; base_url without /v1)."""
+    deadline = time.perf_counter() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.perf_counter() < deadline:
+            try:
+                async with session.get(base_url + "/health") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+    raise TimeoutError(f"{base_url}/health not ready after {timeout:.0f} s (did vllm_ceiling_hook find its module?)")
+
+
 class ServerCPU:
     """The CPU seconds of a server's API process and of its engine core (vLLM's `VLLM::EngineCore`)."""
 
@@ -90,7 +105,16 @@ class ServerCPU:
 OURS_ARGS = {"backend": "vllm", "model_name": "tiny-llama", "disable_log_stats": "true"}
 
 
-def start_ours(options: argparse.Namespace, extra: dict[str, str], log_name: str = "ours") -> Any:
+def ceiling_env(port: int) -> dict[str, str]:
+    """The environment in which our worker also serves vLLM's app bare on `port` (vllm_ceiling_hook)."""
+    hook = str(Path(__file__).with_name("vllm_ceiling_hook"))
+    path = os.pathsep.join(part for part in (hook, os.environ.get("PYTHONPATH", "")) if part)
+    return {"PYTHONPATH": path, "BENCH_VLLM_CEILING_PORT": str(port)}
+
+
+def start_ours(
+    options: argparse.Namespace, extra: dict[str, str], log_name: str = "ours", env: dict[str, str] | None = None
+) -> Any:
     """Our server (`bentoml serve`, backend vllm) on the same model, dtype and max_model_len, ready."""
     arguments = {
         **OURS_ARGS,
@@ -101,4 +125,4 @@ def start_ours(options: argparse.Namespace, extra: dict[str, str], log_name: str
     }
     print(f"starting ours: bentoml serve {arguments} ...", flush=True)
     log = Path(f"/tmp/vllm-side-by-side-{log_name}.log")
-    return ServerProcess(arguments, log).wait_ready(options.start_timeout)
+    return ServerProcess(arguments, log, env=env).wait_ready(options.start_timeout)

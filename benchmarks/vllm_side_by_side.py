@@ -19,12 +19,17 @@ and "engine CPU" are the CPU seconds their API process and their engine-core pro
 a shared VM the same server's figure can double between runs seconds apart). The turn order flips every
 repetition, so neither server always runs first. Besides the ratio of the medians (the issue's target), the
 "by pair" row takes ours / vLLM in each repetition, whose two runs are seconds apart, and gives the median
-and quartiles; the last lines give each server's spread between repetitions. Prints a table and writes JSON
-to benchmarks/results/.
+and quartiles; the last lines give each server's spread between repetitions. With --ceiling, a third target
+in the same turns is the in-process ceiling: vLLM's app, the one ours serves under /openai, served bare by
+our own worker on a port of its own (benchmarks/vllm_ceiling_hook), same process, same engine, nothing of
+BentoML's or ours in front; `ours/ceiling` is then the cost of those layers alone, and `ceiling/vllm` what
+the rest (BentoML's worker process beside vLLM's own server process, and the machine) makes of the same app
+(its CPU figures are the same worker's, during its own turns). Prints a table and writes JSON to
+benchmarks/results/.
 
     .venv/bin/python -m benchmarks.vllm_side_by_side [--serve-ours | --ours http://127.0.0.1:3000/openai/v1]
         [--reps 3] [--rounds 2] [--model DIR] [--dtype float32] [--concurrency 1 8 32] [--tokens 64]
-        [--vllm-arg=--enforce-eager ...] [--also-ours engine_nice=5 ...]
+        [--vllm-arg=--enforce-eager ...] [--also-ours engine_nice=5 ...] [--ceiling]
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -40,8 +47,18 @@ from typing import Any
 import aiohttp
 
 from benchmarks.charts import chart_path, concurrency_chart
+from benchmarks.paired_ratios import RATIO_KEYS, ratio_rows
 from benchmarks.report import print_table, write_results
-from benchmarks.vllm_servers import OURS_ARGS, ServerCPU, VLLMServer, start_ours, tiny_llama
+from benchmarks.vllm_servers import (
+    OURS_ARGS,
+    ServerCPU,
+    VLLMServer,
+    ceiling_env,
+    start_ours,
+    tiny_llama,
+    wait_for_health,
+)
+from tests.server_process import free_port
 
 PROMPTS = [
     "The capital of France is",
@@ -158,22 +175,11 @@ async def run_level(
 
 # At c=1, rounds x 1 requests is too few for a TTFT median of ~8 ms that moves by a millisecond between runs.
 MIN_REQUESTS = 40
-MEDIAN_KEYS = (
-    "output_tokens_per_s",
-    "ttft_p50_ms",
-    "headers_p50_ms",
-    "ttft_p99_ms",
-    "tpot_p50_ms",
-    "tpot_p99_ms",
-    "latency_p50_ms",
-    "api_cpu_us_per_token",
-    "engine_cpu_us_per_token",
-)
 
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One level's figures over repetitions: the median of each, with every run kept."""
-    merged: dict[str, Any] = {key: statistics.median(run[key] for run in runs) for key in MEDIAN_KEYS}
+    merged: dict[str, Any] = {key: statistics.median(run[key] for run in runs) for key in RATIO_KEYS}
     merged["requests"] = sum(run["requests"] for run in runs)
     merged["errors"] = sum(run["errors"] for run in runs)
     return {**merged, "runs": runs}
@@ -212,46 +218,6 @@ async def measure(
     return figures
 
 
-def paired(ours_runs: list[dict[str, Any]], vllm_runs: list[dict[str, Any]], key: str) -> list[float]:
-    """ours / vLLM for each repetition: the two runs of a pair are seconds apart, so they share the machine's
-    state (on this VM the same server's throughput moves by a factor of 2 between runs a few seconds apart)."""
-    return [ours[key] / vllm[key] for ours, vllm in zip(ours_runs, vllm_runs, strict=True)]
-
-
-def spread(ratios: list[float]) -> str:
-    """Median and quartiles of paired ratios, e.g. `0.97x (0.93-1.02)`."""
-    if len(ratios) < 2:
-        return f"{ratios[0]:.2f}x"
-    q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
-    return f"{q2:.2f}x ({q1:.2f}-{q3:.2f})"
-
-
-def ratio_rows(
-    label: str, ours: dict[str, Any], vllm: dict[str, Any], concurrency: int, figures: dict[str, Any]
-) -> list[list[str]]:
-    """The issue's target on the medians (at least 0.95x vLLM's output tokens/s, TTFT p50 at most 1.1x), and
-    the same ratios taken pair by pair, with their quartiles, to show how far the run's noise reaches."""
-    ratio = ours["output_tokens_per_s"] / vllm["output_tokens_per_s"]
-    ttft_ratio = ours["ttft_p50_ms"] / vllm["ttft_p50_ms"]
-    headers_ratio = ours["headers_p50_ms"] / vllm["headers_p50_ms"]
-    api_ratio = ours["api_cpu_us_per_token"] / vllm["api_cpu_us_per_token"]
-    for name, value in [("tokens_per_s", ratio), ("ttft_p50", ttft_ratio), ("api_cpu_per_token", api_ratio)]:
-        figures.setdefault(f"{label}_over_vllm_{name}", {})[str(concurrency)] = value
-    pairs = {key: paired(ours["runs"], vllm["runs"], key) for key in MEDIAN_KEYS}
-    figures.setdefault(f"{label}_over_vllm_paired", {})[str(concurrency)] = pairs
-    met = "met" if ratio >= 0.95 and ttft_ratio <= 1.1 else "MISSED"
-    ratios = [f"{ratio:.2f}x", f"{ttft_ratio:.2f}x", f"{headers_ratio:.2f}x"]
-    name = f"{label}/vllm"
-    columns = ["output_tokens_per_s", "ttft_p50_ms", "headers_p50_ms", "ttft_p99_ms", "tpot_p50_ms"]
-    by_pair = [spread(pairs[key]) for key in columns]
-    by_pair += ["", spread(pairs["latency_p50_ms"]), spread(pairs["api_cpu_us_per_token"])]
-    by_pair.append(spread(pairs["engine_cpu_us_per_token"]))
-    return [
-        [name, str(concurrency), met, *ratios, "", "", "", "", f"{api_ratio:.2f}x", ""],
-        [f"{name} by pair", str(concurrency), "", *by_pair],
-    ]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="model folder (default: the tiny Llama of tests/tiny_models.py)")
@@ -271,6 +237,12 @@ def main() -> None:
         help="with --serve-ours, a second copy of ours with these arguments too (repeat), e.g. engine_nice=5, "
         "measured in the same turns",
     )
+    parser.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="with --serve-ours, our worker also serves vLLM's app bare on a port of its own (same process, same "
+        "engine, nothing in front: benchmarks/vllm_ceiling_hook), measured in the same turns as `ceiling`",
+    )
     parser.add_argument("--vllm-url", help="a vLLM server already running (its /v1 base URL) instead of starting one")
     parser.add_argument("--no-vllm", action="store_true", help="measure only --ours")
     parser.add_argument("--vllm-arg", action="append", default=[], help="extra flag for vLLM's server (repeat)")
@@ -289,15 +261,20 @@ def main() -> None:
     )
     parser.add_argument("--start-timeout", type=float, default=600)
     options = parser.parse_args()
+    # A SIGTERM (e.g. `timeout`) ends the run through the `finally` below, so the servers started here stop too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if options.no_vllm and not (options.ours or options.serve_ours):
         parser.error("--no-vllm needs --ours or --serve-ours")
+    if options.ceiling and not options.serve_ours:
+        parser.error("--ceiling needs --serve-ours")
 
     figures: dict[str, Any] = {"tokens": options.tokens, "concurrency": options.concurrency}
     urls: dict[str, tuple[str, str | None]] = {}
     started: dict[str, Any] = {}  # label -> our servers started here
     if options.serve_ours:
         options.model = options.model or tiny_llama()
-        started["ours"] = start_ours(options, {})
+        ceiling_port = free_port()
+        started["ours"] = start_ours(options, {}, env=ceiling_env(ceiling_port) if options.ceiling else None)
         figures["ours_server"] = {"model": str(options.model), "args": OURS_ARGS}
         if options.also_ours:
             also = dict(pair.split("=", 1) for pair in options.also_ours)
@@ -319,6 +296,8 @@ def main() -> None:
         urls["ours"] = (options.ours, options.ours_model)
     for label, ours in started.items():
         urls[label] = (f"{ours.url}/openai/v1", "tiny-llama")
+    if options.ceiling:
+        urls["ceiling"] = (f"http://127.0.0.1:{ceiling_port}/v1", "tiny-llama")
     figures["reps"] = options.reps
     try:
         if server is not None:
@@ -326,6 +305,10 @@ def main() -> None:
             figures["vllm_server"]["start_seconds"] = server.start_seconds
             print(f"vLLM server ready in {server.start_seconds:.1f} s", flush=True)
         cpus = {label: ServerCPU(ours.process.pid) for label, ours in started.items()}
+        if options.ceiling:  # the same worker and engine: its CPU during the ceiling's turns
+            # Ours is ready once vLLM's app is built, so the hook has started the bare server by then.
+            asyncio.run(wait_for_health(urls["ceiling"][0].removesuffix("/v1"), 30))
+            cpus["ceiling"] = cpus["ours"]
         if server is not None:
             cpus["vllm"] = ServerCPU(server.process.pid)
         measuring = measure(urls, options.concurrency, options.tokens, options.rounds, options.reps, cpus)
@@ -360,14 +343,14 @@ def main() -> None:
                     f"{r['engine_cpu_us_per_token']:.0f}",
                 ]
             )
-        for label in [label for label in targets if label != "vllm" and "vllm" in targets]:
-            rows += ratio_rows(
-                label,
-                targets[label]["levels"][str(concurrency)],
-                targets["vllm"]["levels"][str(concurrency)],
-                concurrency,
-                figures,
-            )
+        levels = {label: target["levels"][str(concurrency)] for label, target in targets.items()}
+        baselines = [label for label in ("vllm", "ceiling") if label in targets]
+        for label in [label for label in targets if label not in baselines]:
+            for baseline in baselines:
+                target = baseline == "vllm"
+                rows += ratio_rows(label, levels[label], baseline, levels[baseline], concurrency, figures, target)
+        if len(baselines) == 2:  # what the process and the machine give vLLM's app, beside vLLM's own server
+            rows += ratio_rows("ceiling", levels["ceiling"], "vllm", levels["vllm"], concurrency, figures, False)
     print()
     print_table(header, rows)
     print("\nthe spread between repetitions (min-max), of each server alone on the machine:")

@@ -1,0 +1,67 @@
+"""The vLLM backend's in-process ceiling, for benchmarks.vllm_side_by_side --ceiling.
+
+On PYTHONPATH with BENCH_VLLM_CEILING_PORT set, this `sitecustomize` makes our worker serve vLLM's OpenAI app,
+the same app on the same engine that /openai serves, a second time: bare, on its own uvicorn server at
+127.0.0.1:PORT in the worker's own event loop, with nothing of BentoML's or ours in front. What the two ports
+answer differs only by the layers in front of vLLM's app, measured in the same process on the same engine.
+
+It waits for `engines.generation.vllm_openai` to be imported (a finder on sys.meta_path, so no other process
+that Python starts under `bentoml serve` imports anything more) and wraps its `build_openai_app`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.abc
+import importlib.util
+import os
+import sys
+from types import ModuleType
+from typing import Any
+
+PORT_VARIABLE = "BENCH_VLLM_CEILING_PORT"
+MODULE = "engines.generation.vllm_openai"
+
+
+def serving_bare_too(build: Any, port: int) -> Any:
+    """`build_openai_app` that also serves the app it built, bare, on `port`."""
+    serving: list[asyncio.Task[None]] = []
+
+    async def build_and_serve(engine: Any, args: Any) -> Any:
+        import uvicorn
+
+        app = await build(engine, args)
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", loop="none")
+        server = uvicorn.Server(config)
+        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # the worker's own stay
+        serving.append(asyncio.get_running_loop().create_task(server.serve()))  # a reference, so it is not collected
+        print(f"{PORT_VARIABLE}: vLLM's app served bare on 127.0.0.1:{port}", flush=True)
+        return app
+
+    return build_and_serve
+
+
+class WrapOnImport(importlib.abc.MetaPathFinder):
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != MODULE:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        execute = spec.loader.exec_module
+
+        def exec_module(module: ModuleType) -> None:
+            execute(module)
+            module.build_openai_app = serving_bare_too(module.build_openai_app, self.port)  # type: ignore[attr-defined]
+
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+if os.environ.get(PORT_VARIABLE):
+    sys.meta_path.insert(0, WrapOnImport(int(os.environ[PORT_VARIABLE])))
