@@ -11,6 +11,7 @@ the model is loaded twice: once per runtime.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from typing import Any
@@ -47,6 +48,7 @@ class VLLMPoolingEngine:
         self.args = args
         self.engine: Any = None
         self.openai_app: Any = None
+        self._openai_lifespan: contextlib.AsyncExitStack | None = None
         self.load_error: str | None = None
         self._loading: asyncio.Task[None] | None = None
 
@@ -70,7 +72,7 @@ class VLLMPoolingEngine:
             logger.exception("vLLM's pooling engine for '%s' did not start", self.args.model_name)
 
     async def start(self) -> None:
-        from engines.generation.vllm_openai import build_openai_app
+        from engines.generation.vllm_openai import start_openai_app
 
         if self.source.device.type == "cpu":
             for name, value in CPU_ENV_DEFAULTS.items():
@@ -79,9 +81,9 @@ class VLLMPoolingEngine:
         # Building the engine blocks for seconds: off the event loop.
         self.engine = await asyncio.to_thread(build_engine, namespace, self.args.engine_nice)
         try:
-            self.openai_app = await build_openai_app(self.engine, namespace)
+            self.openai_app, self._openai_lifespan = await start_openai_app(self.engine, namespace)
         except Exception as error:
-            self._shutdown()
+            await self._shutdown()
             raise ModelLoadError(f"vLLM's OpenAI layer did not start: {type(error).__name__}: {error}") from error
         tasks = await self.engine.get_supported_tasks()
         logger.info("vLLM pooling engine started: %s, tasks %s", self.source.path, ", ".join(tasks))
@@ -89,10 +91,13 @@ class VLLMPoolingEngine:
     async def stop(self) -> None:
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
-        self._shutdown()
+        await self._shutdown()
 
-    def _shutdown(self) -> None:
+    async def _shutdown(self) -> None:
         self.openai_app = None
+        lifespan, self._openai_lifespan = self._openai_lifespan, None
+        if lifespan is not None:
+            await lifespan.aclose()
         engine, self.engine = self.engine, None
         if engine is not None:
             engine.shutdown()

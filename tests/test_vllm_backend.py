@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -102,12 +103,19 @@ def engine(llama_dir: Path) -> Iterator[Engine]:
     args = parse_arguments({"model_dir": str(llama_dir), "enforce_eager": "true"}, environ={})
     backend = VLLMBackend(inspect_model(args), args)
     loop = asyncio.new_event_loop()
+    # vLLM's lifespan reads it before every wait: its stats are logged each second instead of every 10.
+    interval = os.environ.get("VLLM_LOG_STATS_INTERVAL")
+    os.environ["VLLM_LOG_STATS_INTERVAL"] = "1"
     try:
         loop.run_until_complete(backend.start())
         yield Engine(backend, loop)
     finally:
         loop.run_until_complete(backend.stop())
         loop.close()
+        if interval is None:
+            os.environ.pop("VLLM_LOG_STATS_INTERVAL", None)
+        else:
+            os.environ["VLLM_LOG_STATS_INTERVAL"] = interval
 
 
 @pytest.fixture(scope="module")
@@ -236,6 +244,22 @@ def test_started_engine(engine: Engine) -> None:
     assert backend.name == "vllm" and backend.max_model_len == 256
     for name in CPU_ENV_DEFAULTS:
         assert os.environ.get(name), f"{name} is set for the CPU engine"
+
+
+def test_vllms_app_runs_in_its_lifespan(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As under `vllm serve`: with engine statistics on (our default), vLLM's app logs them periodically
+    (`do_log_stats`, every VLLM_LOG_STATS_INTERVAL seconds), which only its lifespan does."""
+    client = engine.backend.engine
+    logged: list[float] = []
+    log_stats = client.do_log_stats
+
+    async def counted_log_stats(*args: Any, **kwargs: Any) -> None:
+        logged.append(time.monotonic())
+        await log_stats(*args, **kwargs)
+
+    monkeypatch.setattr(client, "do_log_stats", counted_log_stats)
+    engine.run(lambda: asyncio.sleep(2.5))  # the loop runs only while a test runs something on it
+    assert logged, "vLLM's stats were not logged: is its app's lifespan entered (engines/generation/vllm_openai.py)?"
 
 
 def test_greedy_matches_transformers_generate(engine: Engine, reference: PreTrainedModel) -> None:

@@ -2,7 +2,8 @@
 
 On PYTHONPATH with BENCH_VLLM_CEILING_PORT set, this `sitecustomize` makes our worker serve vLLM's OpenAI app,
 the same app on the same engine that /openai serves, a second time: bare, on its own uvicorn server at
-127.0.0.1:PORT in the worker's own event loop, with nothing of BentoML's or ours in front. What the two ports
+127.0.0.1:PORT in the worker's own event loop, with nothing of BentoML's or ours in front (its lifespan is off:
+the backend already runs it, engines/generation/vllm_openai.py). What the two ports
 answer differs only by the layers in front of vLLM's app, measured in the same process on the same engine.
 
 It waits for `engines.generation.vllm_openai` to be imported (a finder on sys.meta_path, so no other process
@@ -32,7 +33,7 @@ def serving_bare_too(build: Any, port: int) -> Any:
         import uvicorn
 
         app = await build(engine, args)
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", loop="none")
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", loop="none", lifespan="off")
         server = uvicorn.Server(config)
         server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # the worker's own stay
         serving.append(asyncio.get_running_loop().create_task(server.serve()))  # a reference, so it is not collected

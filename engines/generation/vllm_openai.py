@@ -6,6 +6,9 @@ FastAPI app with vLLM's routers, exception handlers and middleware, and `init_ap
 app.state, args, supported_tasks)` builds its serving classes (OpenAIServingChat, OpenAIServingCompletion,
 OpenAIServingModels with the LoRA modules, ServingTokenization, OpenAIServingResponses, the pooling
 classes of a pooling model) on that engine. `args` is the `vllm serve` Namespace (settings/vllm_serve_args.py).
+`start_openai_app` then enters the app's own lifespan, as uvicorn does under `vllm serve`: with engine statistics
+on, it logs them every VLLM_LOG_STATS_INTERVAL seconds (vLLM's "Avg prompt throughput ..." lines, from
+`do_log_stats`), and it freezes the heap built so far out of the garbage collector's full collections.
 
 tests/test_vllm_glue.py checks these entry points by name and signature, so an upgrade that moves them
 fails there, naming the function.
@@ -14,6 +17,7 @@ fails there, naming the function.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from typing import Any
 
 # The vLLM functions this module calls: (module, name, parameters the calls below pass).
@@ -41,3 +45,11 @@ async def build_openai_app(engine: Any, args: argparse.Namespace) -> Any:
     app = build_app(args, supported_tasks, engine.model_config)
     await init_app_state(engine, app.state, args, supported_tasks)
     return app
+
+
+async def start_openai_app(engine: Any, args: argparse.Namespace) -> tuple[Any, contextlib.AsyncExitStack]:
+    """vLLM's app on `engine` (build_openai_app) inside its own lifespan; closing the stack leaves the lifespan."""
+    app = await build_openai_app(engine, args)
+    running = contextlib.AsyncExitStack()
+    await running.enter_async_context(app.router.lifespan_context(app))
+    return app, running
