@@ -72,8 +72,8 @@ class VLLMServer:
         self._log.close()
 
 
-async def wait_for_health(base_url: str, timeout: float) -> None:
-    """Until GET {base_url}/health answers 200 (vLLM's app; base_url without /v1)."""
+async def wait_for_ceiling(base_url: str, timeout: float) -> None:
+    """Until the ceiling (vLLM's app served bare by our worker, vllm_ceiling_hook) answers GET {base_url}/health."""
     deadline = time.perf_counter() + timeout
     async with aiohttp.ClientSession() as session:
         while time.perf_counter() < deadline:

@@ -56,7 +56,7 @@ from benchmarks.vllm_servers import (
     ceiling_env,
     start_ours,
     tiny_llama,
-    wait_for_health,
+    wait_for_ceiling,
 )
 from tests.server_process import free_port
 
@@ -307,7 +307,7 @@ def main() -> None:
         cpus = {label: ServerCPU(ours.process.pid) for label, ours in started.items()}
         if options.ceiling:  # the same worker and engine: its CPU during the ceiling's turns
             # Ours is ready once vLLM's app is built, so the hook has started the bare server by then.
-            asyncio.run(wait_for_health(urls["ceiling"][0].removesuffix("/v1"), 30))
+            asyncio.run(wait_for_ceiling(urls["ceiling"][0].removesuffix("/v1"), 30))
             cpus["ceiling"] = cpus["ours"]
         if server is not None:
             cpus["vllm"] = ServerCPU(server.process.pid)
