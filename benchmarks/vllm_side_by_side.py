@@ -365,7 +365,8 @@ def main() -> None:
     levels = {label: target["levels"] for label, target in targets.items()}
     concurrency_chart(
         chart_path(json_path),
-        f"Streamed generation, {options.tokens} tokens per request: vLLM's own server and ours",
+        f"Streamed generation, {options.tokens} tokens per request: vLLM's own server and ours"
+        + (", with the in-process ceiling" if options.ceiling else ""),
         {label: {int(c): r["output_tokens_per_s"] for c, r in by_c.items()} for label, by_c in levels.items()},
         latency={label: {int(c): r["ttft_p50_ms"] for c, r in by_c.items()} for label, by_c in levels.items()},
         throughput_label="output tokens/s",
