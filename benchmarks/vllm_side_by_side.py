@@ -273,7 +273,7 @@ def main() -> None:
     started: dict[str, Any] = {}  # label -> our servers started here
     if options.serve_ours:
         options.model = options.model or tiny_llama()
-        ceiling_port = free_port()
+        ceiling_port = free_port() if options.ceiling else 0
         started["ours"] = start_ours(options, {}, env=ceiling_env(ceiling_port) if options.ceiling else None)
         figures["ours_server"] = {"model": str(options.model), "args": OURS_ARGS}
         if options.also_ours:

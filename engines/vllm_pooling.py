@@ -48,7 +48,7 @@ class VLLMPoolingEngine:
         self.args = args
         self.engine: Any = None
         self.openai_app: Any = None
-        self._openai_lifespan: contextlib.AsyncExitStack | None = None
+        self._openai_lifespan = contextlib.AsyncExitStack()  # the app's, entered at start, left at stop
         self.load_error: str | None = None
         self._loading: asyncio.Task[None] | None = None
 
@@ -81,7 +81,7 @@ class VLLMPoolingEngine:
         # Building the engine blocks for seconds: off the event loop.
         self.engine = await asyncio.to_thread(build_engine, namespace, self.args.engine_nice)
         try:
-            self.openai_app, self._openai_lifespan = await start_openai_app(self.engine, namespace)
+            self.openai_app = await start_openai_app(self.engine, namespace, self._openai_lifespan)
         except Exception as error:
             await self._shutdown()
             raise ModelLoadError(f"vLLM's OpenAI layer did not start: {type(error).__name__}: {error}") from error
@@ -95,9 +95,7 @@ class VLLMPoolingEngine:
 
     async def _shutdown(self) -> None:
         self.openai_app = None
-        lifespan, self._openai_lifespan = self._openai_lifespan, None
-        if lifespan is not None:
-            await lifespan.aclose()
+        await self._openai_lifespan.aclose()
         engine, self.engine = self.engine, None
         if engine is not None:
             engine.shutdown()

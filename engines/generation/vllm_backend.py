@@ -46,6 +46,7 @@ from engines.generation.backend import (
     check_sampling,
 )
 from engines.generation.defaults import generation_config_defaults
+from engines.generation.vllm_openai import start_openai_app
 from engines.process_priority import new_processes_at
 from handlers.errors import InvalidInput, NotReady, Overloaded, ServingError
 from settings.arguments import ServerArguments
@@ -157,7 +158,7 @@ class VLLMBackend:
         self.sampling_defaults = generation_config_defaults(source)
         self.engine: Any = None  # vllm.v1.engine.async_llm.AsyncLLM once started
         self.openai_app: Any = None  # vLLM's OpenAI server app (FastAPI) on that engine, once started
-        self._openai_lifespan: contextlib.AsyncExitStack | None = None
+        self._openai_lifespan = contextlib.AsyncExitStack()  # the app's, entered at start, left at stop
         self._overrides = dict(engine_args or {})
         self._max_logprobs = _DEFAULT_MAX_LOGPROBS
         self._token_text: dict[int, str] = {}
@@ -198,10 +199,8 @@ class VLLMBackend:
         except Exception as error:
             await self.stop()
             raise ModelLoadError(f"the vLLM engine failed its first request: {type(error).__name__}: {error}") from None
-        from engines.generation.vllm_openai import start_openai_app
-
         try:
-            self.openai_app, self._openai_lifespan = await start_openai_app(self.engine, namespace)
+            self.openai_app = await start_openai_app(self.engine, namespace, self._openai_lifespan)
         except Exception as error:
             await self.stop()
             raise ModelLoadError(f"vLLM's OpenAI layer did not start: {type(error).__name__}: {error}") from error
@@ -218,9 +217,7 @@ class VLLMBackend:
 
     async def stop(self) -> None:
         self.openai_app = None
-        lifespan, self._openai_lifespan = self._openai_lifespan, None
-        if lifespan is not None:
-            await lifespan.aclose()
+        await self._openai_lifespan.aclose()
         engine, self.engine = self.engine, None
         if engine is not None:
             engine.shutdown()

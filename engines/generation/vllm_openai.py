@@ -47,9 +47,8 @@ async def build_openai_app(engine: Any, args: argparse.Namespace) -> Any:
     return app
 
 
-async def start_openai_app(engine: Any, args: argparse.Namespace) -> tuple[Any, contextlib.AsyncExitStack]:
-    """vLLM's app on `engine` (build_openai_app) inside its own lifespan; closing the stack leaves the lifespan."""
+async def start_openai_app(engine: Any, args: argparse.Namespace, lifespans: contextlib.AsyncExitStack) -> Any:
+    """vLLM's app on `engine` (build_openai_app), its lifespan entered on `lifespans`: closing that leaves it."""
     app = await build_openai_app(engine, args)
-    running = contextlib.AsyncExitStack()
-    await running.enter_async_context(app.router.lifespan_context(app))
-    return app, running
+    await lifespans.enter_async_context(app.router.lifespan_context(app))
+    return app
