@@ -67,6 +67,24 @@ def is_open_route(method: str, path: str) -> bool:
     return path in _OPEN_PATHS or _OPEN_PATTERNS.fullmatch(path) is not None
 
 
+def headers_with_id(start: Message, request_id: bytes) -> list[tuple[bytes, bytes]]:
+    """A response start's headers with the request id; a 413 also closes the connection, since the rest of its
+    body was never read."""
+    headers = [*start.get("headers", ()), (REQUEST_ID_HEADER.encode(), request_id)]
+    if start["status"] == 413:
+        headers.append((b"connection", b"close"))
+    return headers
+
+
+def with_request_id(send: Send, request_id: bytes) -> Send:
+    async def send_with_id(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = headers_with_id(message, request_id)
+        await send(message)
+
+    return send_with_id
+
+
 class RequestGuard:
     """Request id, API key, body limit, draining and the last-resort 500, for every HTTP request."""
 
@@ -109,18 +127,9 @@ class RequestGuard:
         if not _REQUEST_ID.fullmatch(request_id):
             request_id = new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id.decode()
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = [*message.get("headers", ()), (REQUEST_ID_HEADER.encode(), request_id)]
-                if message["status"] == 413:  # the rest of the body was never read: do not reuse the connection
-                    headers.append((b"connection", b"close"))
-                message["headers"] = headers
-            await send(message)
-
         refusal = self._refusal(scope, content_length, authorization)
         if refusal is not None:
-            await self._answer(scope, send_with_id, refusal)
+            await self._answer(scope, with_request_id(send, request_id), refusal)
             return
         limit, received = self.max_request_bytes, 0
 
@@ -137,18 +146,25 @@ class RequestGuard:
         if state is not None:
             state.in_flight += 1
         try:
-            await self._answer_bugs(scope, counted_receive, send_with_id, request_id.decode())
+            await self._answer_bugs(scope, counted_receive, send, request_id.decode(), id_header=request_id)
         finally:
             if state is not None:
                 state.in_flight -= 1
 
-    async def _answer_bugs(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
-        """Run the app; a bug is logged once and answered in the protocol's shape, keeping the connection."""
+    async def _answer_bugs(
+        self, scope: Scope, receive: Receive, send: Send, request_id: str, id_header: bytes | None = None
+    ) -> None:
+        """Run the app; a bug is logged once and answered in the protocol's shape, keeping the connection.
+        With `id_header`, the response also gets the request id header: one wrapper of `send` for both, since
+        every streamed message passes through it."""
         started = False
 
         async def tracked_send(message: Message) -> None:
             nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                if id_header is not None:
+                    message["headers"] = headers_with_id(message, id_header)
             await send(message)
 
         try:
@@ -159,7 +175,7 @@ class RequestGuard:
                 failure = ServingError(
                     f"internal server error; the server log has the details under request id {request_id}"
                 )
-                await self._answer(scope, send, failure)
+                await self._answer(scope, tracked_send, failure)
 
     def _refusal(self, scope: Scope, content_length: bytes, authorization: bytes) -> ServingError | None:
         if self.state is not None and getattr(self.state, "draining", False):

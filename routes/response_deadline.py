@@ -32,29 +32,25 @@ class ResponseDeadline(traffic.TimeoutMiddleware):
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        loop = asyncio.get_running_loop()
-        started: asyncio.Future[None] = loop.create_future()
-        timer = loop.call_later(self.timeout, self._set_timer_out, started)
+        deadline = asyncio.timeout(self.timeout)  # cancels this task, the request's own, when it expires
+        started = False
 
-        async def send_and_mark(message: Message) -> None:
-            if not started.done():
-                started.set_result(None)
+        async def send_and_disarm(message: Message) -> None:
+            nonlocal started
+            if not started:
+                started = True
+                deadline.reschedule(None)  # the deadline is for the response's start only
             await send(message)
 
-        handler = asyncio.ensure_future(self.app(scope, receive, send_and_mark))
-        # A handler that ends without answering (it raised) must not wait for the deadline: its error goes
-        # on to Starlette's error middleware at once.
-        handler.add_done_callback(lambda _: started.done() or started.set_result(None))
         try:
-            await started
+            async with deadline:
+                await self.app(scope, receive, send_and_disarm)
         except TimeoutError:
-            if handler.cancel():
-                body = {"error": f"Not able to process the request in {self.timeout} seconds"}
-                await JSONResponse(body, status_code=504)(scope, receive, send)
-            return
-        finally:
-            timer.cancel()
-        await handler
+            if started or not deadline.expired():
+                raise  # the handler's own timeout, not this deadline
+        if deadline.expired() and not started:  # a handler that swallowed its cancellation ends here too
+            body = {"error": f"Not able to process the request in {self.timeout} seconds"}
+            await JSONResponse(body, status_code=504)(scope, receive, send)
 
 
 def install() -> None:

@@ -108,3 +108,49 @@ def test_the_service_makes_bentoml_build_its_stack_with_it(tiny_models, monkeypa
     # BentoML's app factories take their timeout middleware from this property when the worker builds the app.
     factory = SimpleNamespace(timeout=600.0, max_concurrency=None)
     assert [m.cls for m in BaseAppFactory.middlewares.fget(factory)] == [ResponseDeadline]  # type: ignore[attr-defined]
+
+
+def test_the_handler_runs_in_the_requests_own_task():
+    # A task per request would start each request a turn of the event loop later, behind the streams that share
+    # the loop (README, "Generation on vLLM"): the deadline cancels this task instead.
+    handler_tasks: list[asyncio.Task[Any] | None] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        handler_tasks.append(asyncio.current_task())
+        await ok_app(scope, receive, send)
+
+    async def scenario() -> asyncio.Task[Any] | None:
+        await call(ResponseDeadline(app, timeout=600))
+        return asyncio.current_task()
+
+    assert asyncio.run(scenario()) is handler_tasks[0]
+
+
+def test_504_when_the_handler_swallows_its_cancellation():
+    async def stubborn_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            return  # ends without answering
+
+    sent = asyncio.run(asyncio.wait_for(call(ResponseDeadline(stubborn_app, timeout=0.05)), 10))
+    assert [m.get("status") for m in sent][:1] == [504]
+
+
+def test_the_handlers_own_timeout_is_not_taken_for_the_deadline():
+    async def app_with_its_own_timeout(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async with asyncio.timeout(0.01):
+            await asyncio.sleep(30)
+
+    with pytest.raises(TimeoutError):
+        asyncio.run(asyncio.wait_for(call(ResponseDeadline(app_with_its_own_timeout, timeout=600)), 5))
+
+
+def test_a_response_that_started_is_not_cut_by_the_deadline():
+    async def slow_stream(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await asyncio.sleep(0.15)  # three deadlines' worth, after the start
+        await send({"type": "http.response.body", "body": b"late"})
+
+    sent = asyncio.run(asyncio.wait_for(call(ResponseDeadline(slow_stream, timeout=0.05)), 10))
+    assert [m.get("status") for m in sent] == [200, None] and sent[1]["body"] == b"late"
