@@ -18,6 +18,7 @@ from typing import Any
 
 from engines.generation.select import vllm_unavailable_reason
 from engines.generation.vllm_backend import CPU_ENV_DEFAULTS, build_engine, serve_namespace
+from engines.generation.vllm_openai import start_openai_app
 from handlers.errors import NotReady
 from settings.arguments import ServerArguments
 from settings.loading import ModelLoadError, ModelSource
@@ -72,8 +73,6 @@ class VLLMPoolingEngine:
             logger.exception("vLLM's pooling engine for '%s' did not start", self.args.model_name)
 
     async def start(self) -> None:
-        from engines.generation.vllm_openai import start_openai_app
-
         if self.source.device.type == "cpu":
             for name, value in CPU_ENV_DEFAULTS.items():
                 os.environ.setdefault(name, value)

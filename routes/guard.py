@@ -35,6 +35,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._~:+=/-]{1,128}")
+_REQUEST_ID_NAME = REQUEST_ID_HEADER.encode()
 
 
 def request_id_source() -> Callable[[], bytes]:
@@ -70,7 +71,7 @@ def is_open_route(method: str, path: str) -> bool:
 def headers_with_id(start: Message, request_id: bytes) -> list[tuple[bytes, bytes]]:
     """A response start's headers with the request id; a 413 also closes the connection, since the rest of its
     body was never read."""
-    headers = [*start.get("headers", ()), (REQUEST_ID_HEADER.encode(), request_id)]
+    headers = [*start.get("headers", ()), (_REQUEST_ID_NAME, request_id)]
     if start["status"] == 413:
         headers.append((b"connection", b"close"))
     return headers
