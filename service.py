@@ -26,9 +26,9 @@ from protocols.kserve_generation import GenerativeRuntime
 from routes import fallback as fallback_routes
 from routes import kserve as kserve_routes
 from routes import openai as openai_routes
+from routes import outer_layers, response_deadline
 from routes import playground as playground_routes
 from routes import rerank as rerank_routes
-from routes import response_deadline
 from routes import tei as tei_routes
 from routes import tokenize as tokenize_routes
 from routes import vllm_openai as vllm_openai_routes
@@ -94,6 +94,7 @@ except PackageNotFoundError:
 app = FastAPI(title="Hugging Face model server", version=SERVER_VERSION, docs_url=None, redoc_url=None)
 app.add_middleware(CancelOnDisconnect)  # a client that leaves cancels its handler, on every route
 response_deadline.install()  # traffic.timeout below, without BentoML's per-request timer left for 600 s
+outer_layers.install(tracing=ARGS.tracing)  # BentoML's request metrics, cheaper; no tracing layer unless asked
 
 
 # Every error on every route in its protocol's shape with a request id; limits, API key and draining first.

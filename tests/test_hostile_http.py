@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
@@ -154,6 +155,34 @@ def test_the_key_opens_model_routes_and_openai_client_works(server):
     assert OpenAI(base_url=server.url + "/openai/v1", api_key=API_KEY).models.list().data[0].id == "sst"
     with pytest.raises(AuthenticationError):
         OpenAI(base_url=server.url + "/openai/v1", api_key="wrong").models.list()
+
+
+def _request_metrics(url: str, endpoint: str) -> dict[str, float]:
+    """BentoML's request series for one endpoint (routes/outer_layers.py records them), summed over workers."""
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name.startswith("bentoml_service_request") and sample.labels.get("endpoint") == endpoint:
+                key = sample.name.removeprefix("bentoml_service_request_")
+                if sample.name.endswith("_total") or sample.name.endswith("_count"):
+                    key += f"[{sample.labels['http_response_code']}]"
+                elif not sample.name.endswith("in_progress"):
+                    continue
+                found[key] = found.get(key, 0.0) + sample.value
+    return found
+
+
+def test_bentomls_request_metrics_count_every_answer_refusals_included(server):
+    path = "/v1/models/sst:predict"
+    before = _request_metrics(server.url, path)
+    for headers in (AUTH, AUTH, {}):
+        httpx.post(server.url + path, headers=headers, json={"instances": ["a"]}, timeout=30)
+    after = _request_metrics(server.url, path)
+    for code, answered in (("200", 2), ("401", 1)):
+        for series in ("total", "duration_seconds_count"):
+            key = f"{series}[{code}]"
+            assert after.get(key, 0) - before.get(key, 0) == answered, (key, before, after)
+    assert after["in_progress"] == 0
 
 
 def test_the_key_guards_bentomls_typed_endpoints_too(server):

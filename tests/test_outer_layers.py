@@ -1,0 +1,173 @@
+"""BentoML's request metrics and tracing layers as the service installs them (routes/outer_layers.py).
+
+CachedTrafficMetrics is driven over ASGI beside BentoML's own RunnerTrafficMetricsMiddleware, each with the
+series BentoML's `_setup` makes on a registry of its own, and must leave the same samples. The service test
+checks what BentoML's app factory builds once service.py is imported, with tracing off and on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from bentoml._internal.server.http import instruments
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
+
+from routes.outer_layers import CachedTrafficMetrics, without_tracing
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+BENTOML_METRICS = instruments.RunnerTrafficMetricsMiddleware  # read before any import of service.py replaces it
+
+
+def with_registry(middleware_class: type, app: Any) -> tuple[Any, CollectorRegistry]:
+    """The middleware around `app`, its series made by BentoML's own `_setup` on a registry of the test's."""
+    registry = CollectorRegistry()
+    client = SimpleNamespace(
+        **{kind.__name__: functools.partial(kind, registry=registry) for kind in (Counter, Gauge, Histogram, Summary)}
+    )
+    middleware = middleware_class(app, namespace="test", skip_paths=("/healthz",))
+    middleware._setup(metrics_client=client, duration_buckets=(0.5, 5.0))
+    return middleware, registry
+
+
+def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample but the duration sums and the last request's time (clocks), by name and labels."""
+    found = {}
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name.endswith(("_sum", "_created", "last_request_timestamp_seconds")):
+                continue
+            found[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+    return found
+
+
+def last_request_time(registry: CollectorRegistry) -> float:
+    return max(
+        (s.value for f in registry.collect() for s in f.samples if s.name.endswith("last_request_timestamp_seconds")),
+        default=0.0,
+    )
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """200 with one body, a stream of four bodies, a 404, or a bug before the answer, by path."""
+    if scope["type"] != "http":
+        return
+    path = scope["path"]
+    if path == "/bug":
+        raise RuntimeError("route bug")
+    status = 404 if path == "/missing" else 200
+    await send({"type": "http.response.start", "status": status, "headers": []})
+    if path == "/stream":
+        for _ in range(3):
+            await send({"type": "http.response.body", "body": b"chunk", "more_body": True})
+    await send({"type": "http.response.body", "body": b"end"})
+
+
+async def call(middleware: Any, path: str, kind: str = "http") -> None:
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    scope = {"type": kind, "path": path, "method": "GET", "headers": []}
+    with contextlib.suppress(RuntimeError):  # the route bug, raised through the layer as BentoML's raises it
+        await middleware(scope, receive, send)
+
+
+PATHS = ["/ok", "/stream", "/stream", "/missing", "/bug", "/healthz", "/metrics", "/ok"]
+
+
+def test_cached_metrics_leave_the_same_samples_as_bentomls():
+    ours, our_registry = with_registry(CachedTrafficMetrics, app)
+    theirs, their_registry = with_registry(BENTOML_METRICS, app)
+    for middleware in (ours, theirs):
+        asyncio.run(call(middleware, "/", kind="lifespan"))
+        for path in PATHS:
+            asyncio.run(call(middleware, path))
+    assert samples(our_registry) == samples(their_registry)
+    recorded = samples(our_registry)
+    totals = {labels: value for (name, labels), value in recorded.items() if name == "test_request_total"}
+    by_endpoint = {
+        dict(labels)["endpoint"]: (dict(labels)["http_response_code"], value) for labels, value in totals.items()
+    }
+    assert by_endpoint == {
+        "/ok": ("200", 2.0),
+        "/stream": ("200", 2.0),
+        "/missing": ("404", 1.0),
+        "/healthz": ("200", 1.0),
+    }
+    in_progress = [value for (name, _), value in recorded.items() if name == "test_request_in_progress"]
+    assert in_progress and not any(in_progress)  # every request ended, the failed one included
+    assert last_request_time(our_registry) > 0
+
+
+def test_a_skipped_path_does_not_set_the_last_request_time():
+    ours, registry = with_registry(CachedTrafficMetrics, app)
+    asyncio.run(call(ours, "/healthz"))
+    assert last_request_time(registry) == 0
+    asyncio.run(call(ours, "/ok"))
+    assert last_request_time(registry) > 0
+
+
+def test_a_request_counts_as_in_progress_until_it_ends():
+    seen: list[float] = []
+
+    async def watched_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(registry.get_sample_value("test_request_in_progress", {**labels, "endpoint": scope["path"]}) or 0)
+        await app(scope, receive, send)
+
+    ours, registry = with_registry(CachedTrafficMetrics, watched_app)
+    labels = {key: str(value) for key, value in ours._service_labels().items()}
+    asyncio.run(call(ours, "/ok"))
+    assert seen == [1.0]
+    assert registry.get_sample_value("test_request_in_progress", {**labels, "endpoint": "/ok"}) == 0
+
+
+def test_without_tracing_leaves_no_layer():
+    assert without_tracing(app, excluded_urls="/", tracer_provider=None) is app
+
+
+STACK_OF_SERVICE = """
+import json, service
+app = service.HuggingFaceService.to_asgi(is_main=True)  # what BentoML's worker serves
+node, layers = app.build_middleware_stack(), []
+while node is not None and type(node).__name__ != "ContextMiddleware":
+    layers.append(type(node).__name__)
+    node = getattr(node, "app", None)
+print(json.dumps(layers))
+"""
+
+
+def service_layers(tiny_models: dict[str, Path], tracing: bool) -> list[str]:
+    """The layers in front of BentoML's context middleware, as BentoML builds the service's app (in a process of
+    its own: building it sets BentoML's global configuration)."""
+    env = {
+        **os.environ,
+        "HF_SERVE_MODEL_DIR": str(tiny_models["sequence_classification"]),
+        "HF_SERVE_TRACING": str(tracing).lower(),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", STACK_OF_SERVICE], cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_service_makes_bentoml_build_cheap_metrics_and_no_tracing_layer(tiny_models):
+    layers = service_layers(tiny_models, tracing=False)
+    # BentoML's app factory (ServiceAppFactory.middlewares) imports both classes when it builds the app.
+    assert layers == ["ServerErrorMiddleware", "CachedTrafficMetrics", "ResponseDeadline", "RequestGuard", "FastPath"]
+
+
+def test_with_tracing_on_bentomls_tracing_layer_stays(tiny_models):
+    layers = service_layers(tiny_models, tracing=True)
+    assert layers[:3] == ["ServerErrorMiddleware", "CachedTrafficMetrics", "OpenTelemetryMiddleware"], layers
