@@ -44,14 +44,15 @@ class ResponseDeadline(traffic.TimeoutMiddleware):
             nonlocal started
             if not started:
                 started = True
-                deadline.reschedule(None)  # the deadline is for the response's start only
+                if not deadline.expired():  # else it is answering while being cancelled: its answer stands
+                    deadline.reschedule(None)  # the deadline is for the response's start only
             await send(message)
 
         try:
             async with deadline:
                 await self.app(scope, receive, send_and_disarm)
         except TimeoutError:
-            if started or not deadline.expired():
+            if not deadline.expired():
                 raise  # the handler's own timeout, not this deadline
         if deadline.expired() and not started:  # a handler that swallowed its cancellation ends here too
             body = {"error": f"Not able to process the request in {self.timeout} seconds"}

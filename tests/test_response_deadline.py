@@ -154,3 +154,18 @@ def test_a_response_that_started_is_not_cut_by_the_deadline():
 
     sent = asyncio.run(asyncio.wait_for(call(ResponseDeadline(slow_stream, timeout=0.05)), 10))
     assert [m.get("status") for m in sent] == [200, None] and sent[1]["body"] == b"late"
+
+
+def test_a_handler_that_answers_while_being_cancelled_keeps_its_answer():
+    # Past the deadline the handler is cancelled; one that answers then (e.g. a 503 on its way out) and re-raises
+    # must neither fail in `send` nor get a second answer, and nothing is raised for the deadline's own doing.
+    async def answers_on_cancel(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            await send({"type": "http.response.start", "status": 503, "headers": []})
+            await send({"type": "http.response.body", "body": b"shutting down"})
+            raise
+
+    sent = asyncio.run(asyncio.wait_for(call(ResponseDeadline(answers_on_cancel, timeout=0.05)), 10))
+    assert [m.get("status") for m in sent] == [503, None] and sent[1]["body"] == b"shutting down"
