@@ -9,6 +9,10 @@ for the app served bare, and at 32 streams that CPU is the streams' (README, "Ge
 
 - `CachedTrafficMetrics` records the same series with the same labels (the GPU autoscaler reads
   `bentoml_service_request_in_progress`), but looks each label set up once, and leaves `receive` alone on HTTP.
+  One change: BentoML labels a request by its raw path, so a client asking for random paths made a new series
+  per path in every worker's metric files and in /metrics, without bound. Here a path gets its own `endpoint`
+  label once a route has answered it (any status but 401 and 404), up to MAX_ENDPOINTS paths; every other
+  request is labelled `endpoint="other"`.
 - `without_tracing` stands in for OpenTelemetry's middleware when tracing is off: BentoML's stack is built
   without the layer, where it would have skipped every route (`tracing={"excluded_urls": ["/"]}`).
 
@@ -28,20 +32,22 @@ from opentelemetry.instrumentation import asgi as otel_asgi
 Scope = dict[str, Any]
 Message = dict[str, Any]
 
-# Label sets looked up once each; a client asking for many random paths gets uncached lookups past this many
-# (BentoML labels requests by their raw path, so each such path is a series of its own either way).
-MAX_CACHED_ENDPOINTS = 512
+# Paths with an `endpoint` label of their own, at most; the rest share OTHER_ENDPOINT.
+MAX_ENDPOINTS = 256
+OTHER_ENDPOINT = "other"
+_NOT_A_ROUTE = frozenset({401, 404})  # answers that do not show the path is a route (refused, or no such route)
 
 
 class CachedTrafficMetrics(instruments.RunnerTrafficMetricsMiddleware):
-    """BentoML's traffic metrics for HTTP requests, each label set looked up once (WebSocket, lifespan and
-    /metrics take BentoML's own path)."""
+    """BentoML's traffic metrics for HTTP requests, each label set looked up once, and a bounded set of
+    `endpoint` labels (WebSocket, lifespan and /metrics take BentoML's own path)."""
 
     def __init__(self, app: Any, **options: Any) -> None:
         super().__init__(app, **options)
         self._skipped = tuple(self.skip_paths)
-        self._per_endpoint: dict[str, Any] = {}  # endpoint -> its in-progress gauge child
-        self._per_result: dict[tuple[str, int], tuple[Any, Any]] = {}  # (endpoint, status) -> (counter, histogram)
+        self._routes: set[str] = set()  # paths a route has answered: their own `endpoint` label
+        self._in_progress: dict[str, Any] = {}  # endpoint label -> its gauge child
+        self._results: dict[tuple[str, int], tuple[Any, Any]] = {}  # (endpoint, status) -> (counter, histogram)
         self._last_request: Any = None
 
     def _service_labels(self) -> dict[str, str]:
@@ -51,21 +57,23 @@ class CachedTrafficMetrics(instruments.RunnerTrafficMetricsMiddleware):
             "runner_name": server_context.service_name,
         }
 
-    def _in_progress(self, endpoint: str) -> Any:
-        gauge = self._per_endpoint.get(endpoint)
+    def _gauge(self, endpoint: str) -> Any:
+        gauge = self._in_progress.get(endpoint)
         if gauge is None:
-            gauge = self.metrics_request_in_progress.labels(endpoint=endpoint, **self._service_labels())
-            if len(self._per_endpoint) < MAX_CACHED_ENDPOINTS:
-                self._per_endpoint[endpoint] = gauge
+            labels = {"endpoint": endpoint, **self._service_labels()}
+            gauge = self._in_progress[endpoint] = self.metrics_request_in_progress.labels(**labels)
         return gauge
 
-    def _result(self, endpoint: str, status: int) -> tuple[Any, Any]:
-        children = self._per_result.get((endpoint, status))
+    def _answered(self, path: str, status: int) -> tuple[Any, Any]:
+        """The counter and histogram of an answer; a path a route answered takes a label of its own from now on."""
+        if path not in self._routes and status not in _NOT_A_ROUTE and len(self._routes) < MAX_ENDPOINTS:
+            self._routes.add(path)
+        endpoint = path if path in self._routes else OTHER_ENDPOINT
+        children = self._results.get((endpoint, status))
         if children is None:
             labels = {"endpoint": endpoint, "http_response_code": status, **self._service_labels()}
             children = (self.metrics_request_total.labels(**labels), self.metrics_request_duration.labels(**labels))
-            if len(self._per_result) < MAX_CACHED_ENDPOINTS:
-                self._per_result[(endpoint, status)] = children
+            self._results[endpoint, status] = children
         return children
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
@@ -88,12 +96,12 @@ class CachedTrafficMetrics(instruments.RunnerTrafficMetricsMiddleware):
             if kind == "http.response.start":
                 status = message["status"]
             elif kind == "http.response.body" and not message.get("more_body", False):
-                total, duration = self._result(endpoint, status)
+                total, duration = self._answered(endpoint, status)
                 total.inc()
                 duration.observe(max(default_timer() - start_time, 0))
             await send(message)
 
-        in_progress = self._in_progress(endpoint)
+        in_progress = self._gauge(endpoint if endpoint in self._routes else OTHER_ENDPOINT)
         in_progress.inc()
         try:
             await self.app(scope, receive, recorded_send)

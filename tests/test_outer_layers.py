@@ -21,7 +21,8 @@ from typing import Any
 from bentoml._internal.server.http import instruments
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
 
-from routes.outer_layers import CachedTrafficMetrics, without_tracing
+from routes import outer_layers
+from routes.outer_layers import OTHER_ENDPOINT, CachedTrafficMetrics, without_tracing
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 BENTOML_METRICS = instruments.RunnerTrafficMetricsMiddleware  # read before any import of service.py replaces it
@@ -38,15 +39,25 @@ def with_registry(middleware_class: type, app: Any) -> tuple[Any, CollectorRegis
     return middleware, registry
 
 
-def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample but the duration sums and the last request's time (clocks), by name and labels."""
-    found = {}
+def answers(registry: CollectorRegistry, label: Any = lambda endpoint: endpoint) -> dict[Any, float]:
+    """The answers' counts (total, histogram count and buckets) by name and labels, `endpoint` through `label`."""
+    found: dict[Any, float] = {}
     for family in registry.collect():
         for sample in family.samples:
-            if sample.name.endswith(("_sum", "_created", "last_request_timestamp_seconds")):
-                continue
-            found[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+            if sample.name.endswith(("_total", "_count", "_bucket")) and "endpoint" in sample.labels:
+                labels = {**sample.labels, "endpoint": label(sample.labels["endpoint"])}
+                key = sample.name, tuple(sorted(labels.items()))
+                found[key] = found.get(key, 0.0) + sample.value
     return found
+
+
+def in_progress(registry: CollectorRegistry) -> dict[str, float]:
+    return {
+        sample.labels["endpoint"]: sample.value
+        for family in registry.collect()
+        for sample in family.samples
+        if sample.name.endswith("request_in_progress")
+    }
 
 
 def last_request_time(registry: CollectorRegistry) -> float:
@@ -57,15 +68,15 @@ def last_request_time(registry: CollectorRegistry) -> float:
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """200 with one body, a stream of four bodies, a 404, or a bug before the answer, by path."""
+    """200 with one body, a stream of four bodies (/stream...), a 404 (/missing...), or a bug (/bug), by path."""
     if scope["type"] != "http":
         return
     path = scope["path"]
     if path == "/bug":
         raise RuntimeError("route bug")
-    status = 404 if path == "/missing" else 200
+    status = 404 if path.startswith("/missing") else 200
     await send({"type": "http.response.start", "status": status, "headers": []})
-    if path == "/stream":
+    if path.startswith("/stream"):
         for _ in range(3):
             await send({"type": "http.response.body", "body": b"chunk", "more_body": True})
     await send({"type": "http.response.body", "body": b"end"})
@@ -86,28 +97,36 @@ async def call(middleware: Any, path: str, kind: str = "http") -> None:
 PATHS = ["/ok", "/stream", "/stream", "/missing", "/bug", "/healthz", "/metrics", "/ok"]
 
 
-def test_cached_metrics_leave_the_same_samples_as_bentomls():
+def test_cached_metrics_count_answers_as_bentomls_do_with_unrouted_paths_as_other():
     ours, our_registry = with_registry(CachedTrafficMetrics, app)
     theirs, their_registry = with_registry(BENTOML_METRICS, app)
     for middleware in (ours, theirs):
         asyncio.run(call(middleware, "/", kind="lifespan"))
         for path in PATHS:
             asyncio.run(call(middleware, path))
-    assert samples(our_registry) == samples(their_registry)
-    recorded = samples(our_registry)
-    totals = {labels: value for (name, labels), value in recorded.items() if name == "test_request_total"}
-    by_endpoint = {
-        dict(labels)["endpoint"]: (dict(labels)["http_response_code"], value) for labels, value in totals.items()
+    routed = {"/ok", "/stream", "/healthz"}  # answered by a route; "/missing" got a 404
+    assert answers(our_registry) == answers(their_registry, lambda e: e if e in routed else OTHER_ENDPOINT)
+    totals = {
+        dict(labels)["endpoint"]: (dict(labels)["http_response_code"], value)
+        for (name, labels), value in answers(our_registry).items()
+        if name == "test_request_total"
     }
-    assert by_endpoint == {
-        "/ok": ("200", 2.0),
-        "/stream": ("200", 2.0),
-        "/missing": ("404", 1.0),
-        "/healthz": ("200", 1.0),
-    }
-    in_progress = [value for (name, _), value in recorded.items() if name == "test_request_in_progress"]
-    assert in_progress and not any(in_progress)  # every request ended, the failed one included
+    assert totals == {"/ok": ("200", 2.0), "/stream": ("200", 2.0), "other": ("404", 1.0), "/healthz": ("200", 1.0)}
+    # Every request ended, the failed one included; first requests of a path are in progress as "other".
+    assert in_progress(our_registry) == {"other": 0.0, "/ok": 0.0, "/stream": 0.0}
     assert last_request_time(our_registry) > 0
+
+
+def test_random_paths_share_one_label_and_routes_are_bounded(monkeypatch):
+    monkeypatch.setattr(outer_layers, "MAX_ENDPOINTS", 3)
+    ours, registry = with_registry(CachedTrafficMetrics, app)
+    for i in range(50):
+        asyncio.run(call(ours, f"/missing/{i}" if i % 2 else "/missing"))
+    for path in ("/ok", "/ok", "/stream", "/stream/a", "/stream/b", "/stream/c"):
+        asyncio.run(call(ours, path))
+    endpoints = {dict(labels)["endpoint"] for _, labels in answers(registry)}
+    assert endpoints == {"other", "/ok", "/stream", "/stream/a"}  # three routes, then the rest as "other"
+    assert set(in_progress(registry)) == {"other", "/ok"}
 
 
 def test_a_skipped_path_does_not_set_the_last_request_time():
@@ -119,17 +138,17 @@ def test_a_skipped_path_does_not_set_the_last_request_time():
 
 
 def test_a_request_counts_as_in_progress_until_it_ends():
-    seen: list[float] = []
+    seen: list[dict[str, float]] = []
 
     async def watched_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        seen.append(registry.get_sample_value("test_request_in_progress", {**labels, "endpoint": scope["path"]}) or 0)
+        seen.append(in_progress(registry))
         await app(scope, receive, send)
 
     ours, registry = with_registry(CachedTrafficMetrics, watched_app)
-    labels = {key: str(value) for key, value in ours._service_labels().items()}
+    asyncio.run(call(ours, "/ok"))  # a path no route has answered yet counts as "other"
     asyncio.run(call(ours, "/ok"))
-    assert seen == [1.0]
-    assert registry.get_sample_value("test_request_in_progress", {**labels, "endpoint": "/ok"}) == 0
+    assert seen == [{"other": 1.0}, {"other": 0.0, "/ok": 1.0}]
+    assert in_progress(registry) == {"other": 0.0, "/ok": 0.0}
 
 
 def test_without_tracing_leaves_no_layer():
