@@ -6,6 +6,7 @@ request guard (routes/guard.py) answers unexpected exceptions the same way.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +32,17 @@ ErrorResponder = Callable[[str, str, ServingError, str, "dict[str, str] | None"]
 
 def request_id_of(scope: dict[str, Any]) -> str:
     return str(scope.get("state", {}).get("request_id", ""))
+
+
+def body_with_request_id(body: bytes, request_id: str) -> bytes:
+    """A JSON object body with `request_id` added (a value already there is kept); any other body unchanged."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(parsed, dict) or "request_id" in parsed:
+        return body
+    return json.dumps({**parsed, "request_id": request_id}).encode()
 
 
 def error_body(path: str, error: ServingError, request_id: str) -> dict[str, Any]:

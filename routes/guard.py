@@ -24,7 +24,7 @@ from typing import Any
 
 from handlers.errors import InvalidInput, NotReady, PayloadTooLarge, ServingError, Unauthorized
 from routes.common import json_response
-from routes.errors import REQUEST_ID_HEADER, clip, error_body, error_headers
+from routes.errors import REQUEST_ID_HEADER, body_with_request_id, clip, error_body, error_headers
 
 logger = logging.getLogger("hf_bentoml_server")
 
@@ -75,6 +75,10 @@ def headers_with_id(start: Message, request_id: bytes) -> list[tuple[bytes, byte
     if start["status"] == 413:
         headers.append((b"connection", b"close"))
     return headers
+
+
+def _is_json(start: Message) -> bool:
+    return any(k.lower() == b"content-type" and b"json" in v.lower() for k, v in start.get("headers", ()))
 
 
 def with_request_id(send: Send, request_id: bytes) -> Send:
@@ -156,16 +160,27 @@ class RequestGuard:
         self, scope: Scope, receive: Receive, send: Send, request_id: str, id_header: bytes | None = None
     ) -> None:
         """Run the app; a bug is logged once and answered in the protocol's shape, keeping the connection.
-        With `id_header`, the response also gets the request id header: one wrapper of `send` for both, since
-        every streamed message passes through it."""
+        With `id_header`, the response also gets the request id: in its header, and in its body when it is a
+        JSON error without one (vLLM's own errors under /openai; error bodies are small, so one is held whole).
+        One wrapper of `send` does it all, since every streamed message passes through it."""
         started = False
+        held: Message | None = None  # an error's start, until its body has the request id
+        chunks: list[bytes] = []
 
         async def tracked_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                if id_header is not None:
-                    message["headers"] = headers_with_id(message, id_header)
+            nonlocal started, held
+            if held is not None and message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    await self._send_with_id_in_body(send, held, b"".join(chunks), request_id)
+                return
+            if message["type"] == "http.response.start" and id_header is not None:
+                message["headers"] = headers_with_id(message, id_header)
+                if message["status"] >= 400 and scope["method"] != "HEAD" and _is_json(message):
+                    held = message
+                    chunks.clear()  # from an error that broke off, if the last-resort 500 follows it
+                    return
+            started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
@@ -177,6 +192,13 @@ class RequestGuard:
                     f"internal server error; the server log has the details under request id {request_id}"
                 )
                 await self._answer(scope, tracked_send, failure)
+
+    @staticmethod
+    async def _send_with_id_in_body(send: Send, start: Message, body: bytes, request_id: str) -> None:
+        body = body_with_request_id(body, request_id)
+        headers = [(k, v) for k, v in start.get("headers", ()) if k.lower() != b"content-length"]
+        await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
     def _refusal(self, scope: Scope, content_length: bytes, authorization: bytes) -> ServingError | None:
         if self.state is not None and getattr(self.state, "draining", False):

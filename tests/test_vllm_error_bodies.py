@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
 from routes import vllm_openai
-from routes.errors import install_error_handlers
+from routes.errors import body_with_request_id, install_error_handlers
 from routes.guard import RequestGuard
 
 
@@ -103,7 +103,23 @@ def test_answers_and_streams_pass_through_unchanged(client):
 
 
 def test_body_with_request_id_keeps_other_bodies():
-    assert vllm_openai.body_with_request_id(b"not json", "r") == b"not json"
-    assert vllm_openai.body_with_request_id(b"[1, 2]", "r") == b"[1, 2]"
-    assert vllm_openai.body_with_request_id(b'{"request_id": "theirs"}', "r") == b'{"request_id": "theirs"}'
-    assert json.loads(vllm_openai.body_with_request_id(b'{"error": {}}', "r")) == {"error": {}, "request_id": "r"}
+    assert body_with_request_id(b"not json", "r") == b"not json"
+    assert body_with_request_id(b"[1, 2]", "r") == b"[1, 2]"
+    assert body_with_request_id(b'{"request_id": "theirs"}', "r") == b'{"request_id": "theirs"}'
+    assert json.loads(body_with_request_id(b'{"error": {}}', "r")) == {"error": {}, "request_id": "r"}
+
+
+def test_an_error_that_breaks_off_before_its_body_ends_gets_the_guards_500():
+    # The guard holds an error's start until its body is whole; if the app fails before, nothing was sent,
+    # so the client gets the guard's 500 in the protocol's shape rather than a half answer.
+    async def broken_error(scope: dict[str, object], receive: object, send: object) -> None:
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 400, "headers": headers})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b'{"error": ', "more_body": True})  # type: ignore[operator]
+        raise RuntimeError("broke off")
+
+    guard = RequestGuard(broken_error, api_key=None, max_request_bytes=1 << 20, retry_after_s=1, max_log_len=None)
+    test_client = TestClient(guard, raise_server_exceptions=False)  # no lifespan: the app has none
+    answer = test_client.post("/openai/v1/completions", json={}, headers={"x-request-id": "broke-1"})
+    assert answer.status_code == 500 and answer.json()["request_id"] == "broke-1", answer.text
+    assert answer.json()["error"]["message"].startswith("internal server error")
