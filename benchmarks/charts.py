@@ -66,16 +66,27 @@ def concurrency_chart(
         return _save(figure, out)
 
 
-def bar_chart(out: Path, title: str, values: Mapping[str, float], value_label: str) -> Path:
-    """One bar per label (e.g. requests/s per route), the value written on each bar."""
+def bar_chart(
+    out: Path, title: str, values: Mapping[str, float], value_label: str, *, horizontal: bool = False
+) -> Path:
+    """One bar per label (e.g. requests/s per route), the value written on each bar; `horizontal` for long
+    labels (top to bottom in the order given)."""
     with plt.rc_context(_STYLE):
-        figure, axis = plt.subplots(figsize=(5.2, 3.0))
         labels = list(values)
-        bars = axis.bar(labels, [values[label] for label in labels], color=[f"C{i}" for i in range(len(labels))])
+        colors = [f"C{i}" for i in range(len(labels))]
+        if horizontal:
+            figure, axis = plt.subplots(figsize=(6.4, 0.9 + 0.32 * len(labels)))
+            bars = axis.barh(labels, [values[label] for label in labels], color=colors)
+            axis.invert_yaxis()
+            axis.set_xlabel(value_label)
+            axis.grid(axis="y", visible=False)
+        else:
+            figure, axis = plt.subplots(figsize=(5.2, 3.0))
+            bars = axis.bar(labels, [values[label] for label in labels], color=colors)
+            axis.set_ylabel(value_label)
+            axis.grid(axis="x", visible=False)
         axis.bar_label(bars, fmt="%.0f", fontsize=8)
-        axis.set_ylabel(value_label)
         axis.set_title(title, fontsize=10)
-        axis.grid(axis="x", visible=False)
         figure.tight_layout()
         return _save(figure, out)
 

@@ -22,6 +22,7 @@ from types import ModuleType
 from typing import Any
 
 PORT_VARIABLE = "BENCH_VLLM_CEILING_PORT"
+LAYER_TIMES_VARIABLE = "BENCH_LAYER_TIMES"  # also time each layer's entry (layer_times.py, benchmarks.layer_costs)
 MODULE = "engines.generation.vllm_openai"
 
 
@@ -32,8 +33,13 @@ def serving_bare_too(build: Any, port: int) -> Any:
     async def build_and_serve(engine: Any, args: Any) -> Any:
         import uvicorn
 
-        app = await build(engine, args)
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", loop="none", lifespan="off")
+        app = served = await build(engine, args)
+        if os.environ.get(LAYER_TIMES_VARIABLE):
+            import layer_times
+
+            layer_times.stamp_vllm_app(app)
+            served = layer_times.with_times_route(app)
+        config = uvicorn.Config(served, host="127.0.0.1", port=port, log_level="warning", loop="none", lifespan="off")
         server = uvicorn.Server(config)
         server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # the worker's own stay
         serving.append(asyncio.get_running_loop().create_task(server.serve()))  # a reference, so it is not collected
@@ -66,3 +72,7 @@ class WrapOnImport(importlib.abc.MetaPathFinder):
 
 if os.environ.get(PORT_VARIABLE):
     sys.meta_path.insert(0, WrapOnImport(int(os.environ[PORT_VARIABLE])))
+    if os.environ.get(LAYER_TIMES_VARIABLE):
+        import layer_times
+
+        layer_times.catch_the_workers_app()
