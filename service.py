@@ -93,7 +93,9 @@ except PackageNotFoundError:
 # /docs is BentoML's OpenAPI document (these routes merged with the typed endpoints), not FastAPI's page.
 app = FastAPI(title="Hugging Face model server", version=SERVER_VERSION, docs_url=None, redoc_url=None)
 app.add_middleware(CancelOnDisconnect)  # a client that leaves cancels its handler, on every route
-response_deadline.install()  # traffic.timeout below, without BentoML's per-request timer left for 600 s
+# traffic.timeout below, kept by the request guard: no BentoML timer left per request for 600 s, no layer of its own
+response_deadline.install()
+RESPONSE_TIMEOUT_S = 600
 outer_layers.install(tracing=ARGS.tracing)  # BentoML's request metrics, cheaper; no tracing layer unless asked
 
 
@@ -115,7 +117,7 @@ def _resources() -> dict[str, Any]:
     name="huggingface-service",
     workers=ARGS.workers,
     resources=_resources(),
-    traffic={"timeout": 600},
+    traffic={"timeout": RESPONSE_TIMEOUT_S},
     # Per-request access lines cost about a quarter of the server's HTTP throughput on small models.
     logging={"access": {"enabled": ARGS.access_log}},
     # OpenTelemetry's ASGI middleware opens a span for every body message, i.e. every SSE chunk:
@@ -229,6 +231,7 @@ _GUARD_OPTIONS: dict[str, Any] = {
     "retry_after_s": ARGS.retry_after_s,
     "max_log_len": ARGS.max_log_len,
     "state": LIFECYCLE,
+    "response_timeout_s": RESPONSE_TIMEOUT_S,
 }
 app.add_middleware(RequestGuard, **_GUARD_OPTIONS)
 HuggingFaceService.add_asgi_middleware(RequestGuard, **_GUARD_OPTIONS)

@@ -1,6 +1,6 @@
 """The request guard's own CPU cost per request, in-process: a trivial ASGI app called directly, and the
-same app behind routes.guard.RequestGuard (without and with an API key), behind the response deadline
-(routes/response_deadline.py) and behind both. CPU time, best of 5 rounds, so the figure holds on a busy
+same app behind routes.guard.RequestGuard (without and with an API key, and with the response deadline it keeps,
+routes/response_deadline.py). CPU time, best of 5 rounds, so the figure holds on a busy
 machine where HTTP benchmarks are too noisy to see a few microseconds. With `--chunks N` the app streams its
 answer in N body messages (as an SSE stream of N tokens does), so each layer's per-message share shows too.
 
@@ -14,10 +14,10 @@ import asyncio
 import time
 from typing import Any
 
+from benchmarks.charts import bar_chart, chart_path
 from benchmarks.report import print_table, write_results
 from routes.guard import RequestGuard
 from routes.lifecycle import Lifecycle
-from routes.response_deadline import ResponseDeadline
 
 HEADERS = [
     (b"host", b"localhost:3000"),
@@ -67,8 +67,7 @@ def main() -> None:
         "no guard": plain,
         "guard": RequestGuard(plain, api_key=None, **common),
         "guard + API key": RequestGuard(plain, api_key="k" * 32, **common),
-        "response deadline": ResponseDeadline(plain, timeout=600),
-        "response deadline + guard": ResponseDeadline(RequestGuard(plain, api_key=None, **common), timeout=600),
+        "guard + response deadline": RequestGuard(plain, api_key=None, response_timeout_s=600, **common),
     }
 
     async def run() -> dict[str, float]:
@@ -79,7 +78,9 @@ def main() -> None:
     figures = asyncio.run(run())
     print_table(["app", "CPU µs per request"], [[name, f"{value:.2f}"] for name, value in figures.items()])
     figures_out = {"requests": options.requests, "chunks": options.chunks, "cpu_us_per_request": figures}
-    write_results("guard_overhead", figures_out)
+    path = write_results("guard_overhead", figures_out)
+    title = f"CPU per request, in-process ({options.chunks or 1} body message{'s' if options.chunks > 1 else ''})"
+    bar_chart(chart_path(path), title, figures, "µs", horizontal=True)
 
 
 if __name__ == "__main__":

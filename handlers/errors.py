@@ -56,6 +56,13 @@ class Overloaded(ServingError):
     error_type = "overloaded_error"
 
 
+class ResponseTimeout(ServingError):
+    """No response started within the server's timeout (`traffic.timeout`); the handler was cancelled."""
+
+    status_code = 504
+    error_type = "timeout_error"
+
+
 class NotReady(ServingError):
     status_code = 503
     error_type = "service_unavailable"

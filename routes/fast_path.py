@@ -19,10 +19,10 @@ router and request handling:
   it. A body that does not parse goes on to the FastAPI route, replayed, so a validation error reads exactly as it
   always has; only valid requests take the short way.
 
-What stays around every request: BentoML's timeout, concurrency, traffic metrics, tracing and access log when on,
-and the request guard (id, API key, body limit, draining, last-resort 500). The FastAPI routes stay too: they
-serve the same requests when the app runs alone (tests/service_app.py), and document them in the OpenAPI
-schema. Any other method or path goes on unchanged, so a GET on `:predict` is answered as before.
+What stays around every request: BentoML's concurrency limit, traffic metrics, tracing and access log when on,
+and the request guard (id, API key, body limit, draining, response deadline, last-resort 500). The FastAPI
+routes stay too: they serve the same requests when the app runs alone (tests/service_app.py), and document them
+in the OpenAPI schema. Any other method or path goes on unchanged, so a GET on `:predict` is answered as before.
 """
 
 from __future__ import annotations

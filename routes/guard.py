@@ -4,8 +4,9 @@ In order, for each request: a request id (the client's `X-Request-ID` when it is
 new one), echoed in the `x-request-id` response header and in every error body; 503 while the server
 stops; the API key (`Authorization: Bearer <key>`, compared in constant time) on every route but health,
 readiness and docs; the body size, from Content-Length before any byte is read and counted as a chunked
-body streams in. An exception no handler knew is logged once with its traceback and answered with a 500
-in the protocol's shape, and never reaches uvicorn, so the keep-alive connection stays usable.
+body streams in; the response deadline (a 504 when no response starts in time, routes/response_deadline.py).
+An exception no handler knew is logged once with its traceback and answered with a 500 in the protocol's
+shape, and never reaches uvicorn, so the keep-alive connection stays usable.
 
 A pure ASGI middleware rather than Starlette's BaseHTTPMiddleware, which runs every request through an
 extra task and memory streams (a large share of a small request's cost) and buffers streamed responses.
@@ -22,9 +23,17 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from handlers.errors import InvalidInput, NotReady, PayloadTooLarge, ServingError, Unauthorized
+from handlers.errors import (
+    InvalidInput,
+    NotReady,
+    PayloadTooLarge,
+    ResponseTimeout,
+    ServingError,
+    Unauthorized,
+)
 from routes.common import json_response
 from routes.errors import REQUEST_ID_HEADER, body_with_request_id, clip, error_body, error_headers
+from routes.response_deadline import ResponseDeadline
 
 logger = logging.getLogger("hf_bentoml_server")
 
@@ -102,12 +111,14 @@ class RequestGuard:
         retry_after_s: int,
         max_log_len: int | None,
         state: Any = None,
+        response_timeout_s: float | None = None,
     ) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode() if api_key else None
         self.max_request_bytes = max_request_bytes
         self.retry_after_s = retry_after_s
         self.max_log_len = max_log_len
+        self.response_timeout_s = response_timeout_s  # BentoML's traffic.timeout, kept here (response_deadline.py)
         # routes.lifecycle.Lifecycle: `draining` turns True on SIGTERM; `in_flight` counts requests being answered.
         self.state = state
 
@@ -160,12 +171,14 @@ class RequestGuard:
         self, scope: Scope, receive: Receive, send: Send, request_id: str, id_header: bytes | None = None
     ) -> None:
         """Run the app; a bug is logged once and answered in the protocol's shape, keeping the connection.
-        With `id_header`, the response also gets the request id: in its header, and in its body when it is a
-        JSON error without one (vLLM's own errors under /openai; error bodies are small, so one is held whole).
-        One wrapper of `send` does it all, since every streamed message passes through it."""
+        With `id_header` (the outer guard), also: the request id in the response's header, and in its body when
+        it is a JSON error without one (vLLM's own errors under /openai; error bodies are small, so one is held
+        whole); and the response deadline, a 504 when no response starts within `response_timeout_s`. One
+        wrapper of `send` does it all, since every streamed message passes through it."""
         started = False
         held: Message | None = None  # an error's start, until its body has the request id
         chunks: list[bytes] = []
+        deadline = ResponseDeadline(self.response_timeout_s if id_header is not None else None)
 
         async def tracked_send(message: Message) -> None:
             nonlocal started, held
@@ -175,6 +188,7 @@ class RequestGuard:
                     await self._send_with_id_in_body(send, held, b"".join(chunks), request_id)
                 return
             if message["type"] == "http.response.start" and id_header is not None:
+                deadline.lift()
                 message["headers"] = headers_with_id(message, id_header)
                 if message["status"] >= 400 and scope["method"] != "HEAD" and _is_json(message):
                     held = message
@@ -184,7 +198,8 @@ class RequestGuard:
             await send(message)
 
         try:
-            await self.app(scope, receive, tracked_send)
+            async with deadline:
+                await self.app(scope, receive, tracked_send)
         except Exception as error:
             self._log_exception(scope, error)
             if not started:
@@ -192,6 +207,17 @@ class RequestGuard:
                     f"internal server error; the server log has the details under request id {request_id}"
                 )
                 await self._answer(scope, tracked_send, failure)
+            return
+        if deadline.expired and not started:  # also when the handler swallowed its cancellation
+            logger.warning(
+                "%s %s [%s]: no response within %s s; answered 504",
+                scope["method"],
+                clip(scope["path"], 200),
+                request_id,
+                deadline.seconds,
+            )
+            message = f"the response did not start within {deadline.seconds:g} seconds (the server's timeout)"
+            await self._answer(scope, tracked_send, ResponseTimeout(message))
 
     @staticmethod
     async def _send_with_id_in_body(send: Send, start: Message, body: bytes, request_id: str) -> None:

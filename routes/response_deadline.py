@@ -1,4 +1,5 @@
-"""BentoML's `traffic.timeout` (a 504 when no response starts in time), without a timer left behind per request.
+"""BentoML's `traffic.timeout` (a 504 when no response starts in time), kept by the request guard, without a
+timer left behind per request and without a layer of its own.
 
 BentoML 1.4's `TimeoutMiddleware` schedules `loop.call_later(timeout, ...)` for every HTTP request and never
 cancels it, so each answered request leaves a timer handle, a future, a bound method and a context copy
@@ -6,59 +7,68 @@ cancels it, so each answered request leaves a timer handle, a future, a bound me
 memory grows for those 600 s by rate × 0.7 KB per second (about 80 MB at 200 requests/s) before it levels
 off: measured by `benchmarks.soak` as a linear RSS growth, and by tracemalloc in the worker as
 `traffic.py`'s `call_later` and `create_future`, for every kind of request (even a 401 that never reaches a
-route). This version answers the same 504, and leaves nothing behind: `asyncio.timeout` runs the deadline
-on the request's own task, and the first message of the response lifts it.
+route). It also ran every handler in a task of its own, so each request started one turn of the event loop
+later, behind the streams' tokens at 32 streams on the vLLM backend.
 
-It runs the handler in that task rather than a task of its own. A task per request starts every request one
-turn of the event loop later, behind whatever else the loop has ready; at 32 streams on the vLLM backend
-that is the streams' tokens. In a probe at 32 streams (20 interleaved repetitions, in one worker), our app
-with the old layer taken out had 0.94x the TTFT of our app with it (README, "Generation on vLLM").
-
-`install()` puts it in the place BentoML builds its middleware stack from; call it before the service's
-ASGI app is built (service.py does at import).
+Here `asyncio.timeout` runs the deadline on the request's own task, and the response's first message lifts
+it. The request guard (routes/guard.py) holds it: it lifts it from the one `send` wrapper every streamed
+message already passes (a layer of its own cost one more wrapper per message), and answers the 504 as it
+answers every error, in the protocol's shape with the request id. `install()` leaves BentoML's own timeout
+layer out of the stack BentoML builds; call it before the service's ASGI app is built (service.py does at
+import).
 """
 
 from __future__ import annotations
 
 import asyncio
+from types import TracebackType
 from typing import Any
 
 from bentoml._internal.server.http import traffic
-from starlette.responses import JSONResponse
-
-Scope = dict[str, Any]
-Message = dict[str, Any]
 
 
-class ResponseDeadline(traffic.TimeoutMiddleware):
-    """504 if the response has not started within `timeout` seconds; the handler is cancelled then."""
+class ResponseDeadline:
+    """`async with ResponseDeadline(seconds):` around a handler cancels it if `lift()` was not called within
+    `seconds` (None: never); `expired` then says so. Its own expiry is not raised; the handler's own
+    TimeoutError, or anything it raises while being cancelled, is."""
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        deadline = asyncio.timeout(self.timeout)  # cancels this task, the request's own, when it expires
-        started = False
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self._timeout = asyncio.timeout(seconds)  # cancels the task it is entered in: the request's own
+        self._running = False
 
-        async def send_and_disarm(message: Message) -> None:
-            nonlocal started
-            if not started:
-                started = True
-                if not deadline.expired():  # else it is answering while being cancelled: its answer stands
-                    deadline.reschedule(None)  # the deadline is for the response's start only
-            await send(message)
+    async def __aenter__(self) -> ResponseDeadline:
+        await self._timeout.__aenter__()
+        self._running = True
+        return self
 
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> bool:
+        self._running = False
         try:
-            async with deadline:
-                await self.app(scope, receive, send_and_disarm)
+            await self._timeout.__aexit__(kind, error, trace)
         except TimeoutError:
-            if not deadline.expired():
-                raise  # the handler's own timeout, not this deadline
-        if deadline.expired() and not started:  # a handler that swallowed its cancellation ends here too
-            body = {"error": f"Not able to process the request in {self.timeout} seconds"}
-            await JSONResponse(body, status_code=504)(scope, receive, send)
+            return True  # the deadline's own cancellation, which asyncio turned into TimeoutError
+        return False
+
+    @property
+    def expired(self) -> bool:
+        return self._timeout.expired()
+
+    def lift(self) -> None:
+        """The response started: the deadline is for its start only. Past the deadline (a handler answering
+        while being cancelled), or once the handler is done (the guard's own answers), there is nothing to lift."""
+        if self._running and not self._timeout.expired():
+            self._timeout.reschedule(None)
+
+
+def without_bentoml_timeout(app: Any, **_options: Any) -> Any:
+    """BentoML's timeout layer: none (Starlette builds each layer by calling its class with the inner app)."""
+    return app
 
 
 def install() -> None:
-    """Make BentoML build its timeout middleware from ResponseDeadline (it looks the class up per app)."""
-    traffic.TimeoutMiddleware = ResponseDeadline  # type: ignore[misc]
+    """Make BentoML build its stack without its timeout layer (it looks the class up per app); the request
+    guard keeps the deadline instead."""
+    traffic.TimeoutMiddleware = without_bentoml_timeout  # type: ignore[misc,assignment]

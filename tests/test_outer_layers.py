@@ -184,7 +184,8 @@ def service_layers(tiny_models: dict[str, Path], tracing: bool) -> list[str]:
 def test_the_service_makes_bentoml_build_cheap_metrics_and_no_tracing_layer(tiny_models):
     layers = service_layers(tiny_models, tracing=False)
     # BentoML's app factory (ServiceAppFactory.middlewares) imports both classes when it builds the app.
-    assert layers == ["ServerErrorMiddleware", "CachedTrafficMetrics", "ResponseDeadline", "RequestGuard", "FastPath"]
+    # BentoML's timeout layer is left out too: the guard keeps the deadline (routes/response_deadline.py).
+    assert layers == ["ServerErrorMiddleware", "CachedTrafficMetrics", "RequestGuard", "FastPath"]
 
 
 def test_with_tracing_on_bentomls_tracing_layer_stays(tiny_models):
