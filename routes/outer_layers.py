@@ -11,8 +11,9 @@ for the app served bare, and at 32 streams that CPU is the streams' (README, "Ge
   `bentoml_service_request_in_progress`), but looks each label set up once, and leaves `receive` alone on HTTP.
   One change: BentoML labels a request by its raw path, so a client asking for random paths made a new series
   per path in every worker's metric files and in /metrics, without bound. Here a path gets its own `endpoint`
-  label once a route has answered it (any status but 401 and 404), up to MAX_ENDPOINTS paths; every other
-  request is labelled `endpoint="other"`.
+  label once a route has answered it with success (a status under 400: refusals such as 401 and 413 come
+  before any route, and a 404 from none), up to MAX_ENDPOINTS paths; every other request is labelled
+  `endpoint="other"`.
 - `without_tracing` stands in for OpenTelemetry's middleware when tracing is off: BentoML's stack is built
   without the layer, where it would have skipped every route (`tracing={"excluded_urls": ["/"]}`).
 
@@ -35,7 +36,6 @@ Message = dict[str, Any]
 # Paths with an `endpoint` label of their own, at most; the rest share OTHER_ENDPOINT.
 MAX_ENDPOINTS = 256
 OTHER_ENDPOINT = "other"
-_NOT_A_ROUTE = frozenset({401, 404})  # answers that do not show the path is a route (refused, or no such route)
 
 
 class CachedTrafficMetrics(instruments.RunnerTrafficMetricsMiddleware):
@@ -65,8 +65,8 @@ class CachedTrafficMetrics(instruments.RunnerTrafficMetricsMiddleware):
         return gauge
 
     def _answered(self, path: str, status: int) -> tuple[Any, Any]:
-        """The counter and histogram of an answer; a path a route answered takes a label of its own from now on."""
-        if path not in self._routes and status not in _NOT_A_ROUTE and len(self._routes) < MAX_ENDPOINTS:
+        """The counter and histogram of an answer; a path a route answered with success takes a label of its own."""
+        if path not in self._routes and status < 400 and len(self._routes) < MAX_ENDPOINTS:
             self._routes.add(path)
         endpoint = path if path in self._routes else OTHER_ENDPOINT
         children = self._results.get((endpoint, status))

@@ -68,13 +68,14 @@ def last_request_time(registry: CollectorRegistry) -> float:
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """200 with one body, a stream of four bodies (/stream...), a 404 (/missing...), or a bug (/bug), by path."""
+    """200 with one body, a stream of four bodies (/stream...), a 404 (/missing...), a 413 (/refused...), or a
+    bug (/bug), by path."""
     if scope["type"] != "http":
         return
     path = scope["path"]
     if path == "/bug":
         raise RuntimeError("route bug")
-    status = 404 if path.startswith("/missing") else 200
+    status = 404 if path.startswith("/missing") else 413 if path.startswith("/refused") else 200
     await send({"type": "http.response.start", "status": status, "headers": []})
     if path.startswith("/stream"):
         for _ in range(3):
@@ -121,7 +122,7 @@ def test_random_paths_share_one_label_and_routes_are_bounded(monkeypatch):
     monkeypatch.setattr(outer_layers, "MAX_ENDPOINTS", 3)
     ours, registry = with_registry(CachedTrafficMetrics, app)
     for i in range(50):
-        asyncio.run(call(ours, f"/missing/{i}" if i % 2 else "/missing"))
+        asyncio.run(call(ours, f"/missing/{i}" if i % 2 else f"/refused/{i}"))
     for path in ("/ok", "/ok", "/stream", "/stream/a", "/stream/b", "/stream/c"):
         asyncio.run(call(ours, path))
     endpoints = {dict(labels)["endpoint"] for _, labels in answers(registry)}
