@@ -26,7 +26,7 @@ from protocols.kserve_generation import GenerativeRuntime
 from routes import fallback as fallback_routes
 from routes import kserve as kserve_routes
 from routes import openai as openai_routes
-from routes import outer_layers, response_deadline
+from routes import outer_layers
 from routes import playground as playground_routes
 from routes import rerank as rerank_routes
 from routes import tei as tei_routes
@@ -93,10 +93,10 @@ except PackageNotFoundError:
 # /docs is BentoML's OpenAPI document (these routes merged with the typed endpoints), not FastAPI's page.
 app = FastAPI(title="Hugging Face model server", version=SERVER_VERSION, docs_url=None, redoc_url=None)
 app.add_middleware(CancelOnDisconnect)  # a client that leaves cancels its handler, on every route
-# traffic.timeout below, kept by the request guard: no BentoML timer left per request for 600 s, no layer of its own
-response_deadline.install()
+# BentoML's request metrics, cheaper; no tracing layer unless asked; no timeout layer: traffic.timeout below is
+# kept by the request guard (routes/response_deadline.py), with no BentoML timer left per request for 600 s.
+outer_layers.install(tracing=ARGS.tracing)
 RESPONSE_TIMEOUT_S = 600
-outer_layers.install(tracing=ARGS.tracing)  # BentoML's request metrics, cheaper; no tracing layer unless asked
 
 
 # Every error on every route in its protocol's shape with a request id; limits, API key and draining first.

@@ -35,7 +35,8 @@ def request_id_of(scope: dict[str, Any]) -> str:
 
 
 def body_with_request_id(body: bytes, request_id: str) -> bytes:
-    """A JSON object body with `request_id` added (a value already there is kept); any other body unchanged."""
+    """A JSON object body with `request_id` added; any other body, or one with a `request_id` already, is
+    returned as it is (the same object)."""
     try:
         parsed = json.loads(body)
     except ValueError:

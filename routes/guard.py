@@ -182,19 +182,22 @@ class RequestGuard:
 
         async def tracked_send(message: Message) -> None:
             nonlocal started, held
-            if held is not None and message["type"] == "http.response.body":
+            kind = message["type"]
+            if held is not None and kind == "http.response.body":
                 chunks.append(message.get("body", b""))
                 if not message.get("more_body", False):
+                    started = True
                     await self._send_with_id_in_body(send, held, b"".join(chunks), request_id)
                 return
-            if message["type"] == "http.response.start" and id_header is not None:
-                deadline.lift()
-                message["headers"] = headers_with_id(message, id_header)
-                if message["status"] >= 400 and scope["method"] != "HEAD" and _is_json(message):
-                    held = message
-                    chunks.clear()  # from an error that broke off, if the last-resort 500 follows it
-                    return
-            started = started or message["type"] == "http.response.start"
+            if kind == "http.response.start":
+                if id_header is not None:
+                    deadline.lift()
+                    message["headers"] = headers_with_id(message, id_header)
+                    if message["status"] >= 400 and _is_json(message):
+                        held = message
+                        chunks.clear()  # from an error that broke off, if the last-resort 500 follows it
+                        return
+                started = True
             await send(message)
 
         try:
@@ -221,10 +224,14 @@ class RequestGuard:
 
     @staticmethod
     async def _send_with_id_in_body(send: Send, start: Message, body: bytes, request_id: str) -> None:
-        body = body_with_request_id(body, request_id)
-        headers = [(k, v) for k, v in start.get("headers", ()) if k.lower() != b"content-length"]
-        await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        """A held error, its body given the request id; a body left as it was (not a JSON object, an id already
+        in it, a HEAD answer's empty body) keeps its start, Content-Length included."""
+        with_id = body_with_request_id(body, request_id)
+        if with_id is not body:
+            headers = [(k, v) for k, v in start.get("headers", ()) if k.lower() != b"content-length"]
+            start = {**start, "headers": [*headers, (b"content-length", str(len(with_id)).encode())]}
+        await send(start)
+        await send({"type": "http.response.body", "body": with_id})
 
     def _refusal(self, scope: Scope, content_length: bytes, authorization: bytes) -> ServingError | None:
         if self.state is not None and getattr(self.state, "draining", False):

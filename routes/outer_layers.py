@@ -1,4 +1,5 @@
-"""BentoML's request metrics and tracing layers, at a fraction of their cost per request.
+"""BentoML's outer layers: its request metrics and tracing at a fraction of their cost per request, and its
+timeout layer left out (the request guard keeps the deadline, routes/response_deadline.py).
 
 BentoML wraps every request in its traffic metrics (`RunnerTrafficMetricsMiddleware`) and OpenTelemetry's ASGI
 middleware. In a worker serving vLLM's app, timed at each layer's entry (c=1, 240 streamed requests), the
@@ -14,11 +15,11 @@ for the app served bare, and at 32 streams that CPU is the streams' (README, "Ge
   label once a route has answered it with success (a status under 400: refusals such as 401 and 413 come
   before any route, and a 404 from none), up to MAX_ENDPOINTS paths; every other request is labelled
   `endpoint="other"`.
-- `without_tracing` stands in for OpenTelemetry's middleware when tracing is off: BentoML's stack is built
-  without the layer, where it would have skipped every route (`tracing={"excluded_urls": ["/"]}`).
+- `no_layer` stands in for OpenTelemetry's middleware when tracing is off, where it would have skipped every
+  route (`tracing={"excluded_urls": ["/"]}`), and for BentoML's `TimeoutMiddleware` always.
 
 `install()` puts them where BentoML's app factory imports its layers from when a worker builds the app; call it
-before that (service.py does at import), as routes/response_deadline.py does for the timeout.
+before that (service.py does at import).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from timeit import default_timer
 from typing import Any
 
 from bentoml._internal.context import server_context
-from bentoml._internal.server.http import instruments
+from bentoml._internal.server.http import instruments, traffic
 from opentelemetry.instrumentation import asgi as otel_asgi
 
 Scope = dict[str, Any]
@@ -109,15 +110,17 @@ class CachedTrafficMetrics(instruments.RunnerTrafficMetricsMiddleware):
             in_progress.dec()
 
 
-def without_tracing(app: Any, **_options: Any) -> Any:
-    """OpenTelemetry's middleware when tracing is off: no layer at all (Starlette builds each layer by calling
-    its class with the inner app; this returns the inner app)."""
+def no_layer(app: Any, **_options: Any) -> Any:
+    """A layer left out: Starlette builds each layer by calling its class with the inner app and the layer's
+    options; this returns the inner app."""
     return app
 
 
 def install(*, tracing: bool) -> None:
-    """Make BentoML build its stack with CachedTrafficMetrics, and without the tracing layer unless `tracing`
-    (BentoML's app factory imports both names from these modules when a worker builds the app)."""
+    """Make BentoML build its stack with CachedTrafficMetrics, without its timeout layer (the request guard
+    keeps the deadline), and without the tracing layer unless `tracing` (BentoML's app factories look these
+    names up in these modules when a worker builds the app)."""
     instruments.RunnerTrafficMetricsMiddleware = CachedTrafficMetrics  # type: ignore[misc]
+    traffic.TimeoutMiddleware = no_layer  # type: ignore[misc,assignment]
     if not tracing:
-        otel_asgi.OpenTelemetryMiddleware = without_tracing  # type: ignore[assignment,misc]
+        otel_asgi.OpenTelemetryMiddleware = no_layer  # type: ignore[assignment,misc]

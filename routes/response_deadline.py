@@ -13,18 +13,14 @@ later, behind the streams' tokens at 32 streams on the vLLM backend.
 Here `asyncio.timeout` runs the deadline on the request's own task, and the response's first message lifts
 it. The request guard (routes/guard.py) holds it: it lifts it from the one `send` wrapper every streamed
 message already passes (a layer of its own cost one more wrapper per message), and answers the 504 as it
-answers every error, in the protocol's shape with the request id. `install()` leaves BentoML's own timeout
-layer out of the stack BentoML builds; call it before the service's ASGI app is built (service.py does at
-import).
+answers every error, in the protocol's shape with the request id. BentoML's own timeout layer is left out of
+the stack BentoML builds (routes/outer_layers.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 from types import TracebackType
-from typing import Any
-
-from bentoml._internal.server.http import traffic
 
 
 class ResponseDeadline:
@@ -34,17 +30,21 @@ class ResponseDeadline:
 
     def __init__(self, seconds: float | None) -> None:
         self.seconds = seconds
-        self._timeout = asyncio.timeout(seconds)  # cancels the task it is entered in: the request's own
+        # Cancels the task it is entered in, the request's own; without seconds nothing is made or armed.
+        self._timeout = asyncio.timeout(seconds) if seconds is not None else None
         self._running = False
 
     async def __aenter__(self) -> ResponseDeadline:
-        await self._timeout.__aenter__()
-        self._running = True
+        if self._timeout is not None:
+            await self._timeout.__aenter__()
+            self._running = True
         return self
 
     async def __aexit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> bool:
+        if self._timeout is None:
+            return False
         self._running = False
         try:
             await self._timeout.__aexit__(kind, error, trace)
@@ -54,21 +54,11 @@ class ResponseDeadline:
 
     @property
     def expired(self) -> bool:
-        return self._timeout.expired()
+        return self._timeout is not None and self._timeout.expired()
 
     def lift(self) -> None:
         """The response started: the deadline is for its start only. Past the deadline (a handler answering
         while being cancelled), or once the handler is done (the guard's own answers), there is nothing to lift."""
-        if self._running and not self._timeout.expired():
-            self._timeout.reschedule(None)
-
-
-def without_bentoml_timeout(app: Any, **_options: Any) -> Any:
-    """BentoML's timeout layer: none (Starlette builds each layer by calling its class with the inner app)."""
-    return app
-
-
-def install() -> None:
-    """Make BentoML build its stack without its timeout layer (it looks the class up per app); the request
-    guard keeps the deadline instead."""
-    traffic.TimeoutMiddleware = without_bentoml_timeout  # type: ignore[misc,assignment]
+        timeout = self._timeout
+        if self._running and timeout is not None and not timeout.expired():
+            timeout.reschedule(None)

@@ -18,14 +18,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from bentoml._internal.server.http import instruments
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
 
 from routes import outer_layers
-from routes.outer_layers import OTHER_ENDPOINT, CachedTrafficMetrics, without_tracing
+from routes.outer_layers import OTHER_ENDPOINT, CachedTrafficMetrics, no_layer
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-BENTOML_METRICS = instruments.RunnerTrafficMetricsMiddleware  # read before any import of service.py replaces it
+BENTOML_METRICS = CachedTrafficMetrics.__bases__[0]  # BentoML's own, whatever service.py imports replaced
 
 
 def with_registry(middleware_class: type, app: Any) -> tuple[Any, CollectorRegistry]:
@@ -152,8 +151,9 @@ def test_a_request_counts_as_in_progress_until_it_ends():
     assert in_progress(registry) == {"other": 0.0, "/ok": 0.0}
 
 
-def test_without_tracing_leaves_no_layer():
-    assert without_tracing(app, excluded_urls="/", tracer_provider=None) is app
+def test_no_layer_leaves_no_layer():
+    assert BENTOML_METRICS.__name__ == "RunnerTrafficMetricsMiddleware"
+    assert no_layer(app, excluded_urls="/", tracer_provider=None) is app
 
 
 STACK_OF_SERVICE = """
@@ -185,7 +185,7 @@ def service_layers(tiny_models: dict[str, Path], tracing: bool) -> list[str]:
 def test_the_service_makes_bentoml_build_cheap_metrics_and_no_tracing_layer(tiny_models):
     layers = service_layers(tiny_models, tracing=False)
     # BentoML's app factory (ServiceAppFactory.middlewares) imports both classes when it builds the app.
-    # BentoML's timeout layer is left out too: the guard keeps the deadline (routes/response_deadline.py).
+    # BentoML's timeout layer is left out too (no_layer): the guard keeps the deadline (routes/response_deadline.py).
     assert layers == ["ServerErrorMiddleware", "CachedTrafficMetrics", "RequestGuard", "FastPath"]
 
 

@@ -22,10 +22,10 @@ from bentoml._internal.server.base_app import BaseAppFactory
 from bentoml._internal.server.http import traffic
 
 from routes.guard import RequestGuard
-from routes.response_deadline import without_bentoml_timeout
+from routes.outer_layers import no_layer
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-ORIGINAL = traffic.TimeoutMiddleware  # read before any import of service.py replaces it
+ORIGINAL = traffic.TimeoutMiddleware  # read before any import of service.py replaces it (checked below)
 REQUESTS = 500
 
 
@@ -73,11 +73,12 @@ def test_no_timer_outlives_its_request():
 
 
 def test_bentoml_timeout_middleware_still_leaves_one_timer_per_request():
+    assert ORIGINAL.__name__ == "TimeoutMiddleware", "service.py was imported before this module: no original"
     # When this fails, BentoML cancels its own timer: routes/response_deadline.py's history no longer holds.
     assert timers_left_by(ORIGINAL(ok_app, timeout=600)) == REQUESTS
 
 
-def test_504_in_the_protocols_shape_when_the_response_does_not_start_in_time():
+def test_504_in_the_protocols_shape_when_the_response_does_not_start_in_time(caplog):
     cancelled = asyncio.Event()
 
     async def slow_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -94,7 +95,9 @@ def test_504_in_the_protocols_shape_when_the_response_does_not_start_in_time():
         return sent
 
     for path, shape in (("/v1/models/m:predict", str), ("/openai/v1/completions", dict)):
+        caplog.clear()
         start, body = asyncio.run(scenario(path))
+        assert "no response within 0.05 s; answered 504" in caplog.text
         assert start["status"] == 504 and (b"x-request-id", b"slow-1") in start["headers"]
         answer = json.loads(body["body"])
         assert isinstance(answer["error"], shape) and answer["request_id"] == "slow-1", answer
@@ -120,7 +123,7 @@ def test_the_service_makes_bentoml_build_its_stack_without_its_timeout_layer(tin
     # BentoML's app factories take their timeout middleware from this property when the worker builds the app.
     factory = SimpleNamespace(timeout=600.0, max_concurrency=None)
     layers = [m.cls for m in BaseAppFactory.middlewares.fget(factory)]  # type: ignore[attr-defined]
-    assert layers == [without_bentoml_timeout]
+    assert layers == [no_layer]
     assert module._GUARD_OPTIONS["response_timeout_s"] == module.RESPONSE_TIMEOUT_S == 600
 
 

@@ -8,6 +8,7 @@ test_vllm_openai.py (slow).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from types import SimpleNamespace
@@ -109,6 +110,14 @@ def test_body_with_request_id_keeps_other_bodies():
     assert json.loads(body_with_request_id(b'{"error": {}}', "r")) == {"error": {}, "request_id": "r"}
 
 
+def guard_around(app: object) -> RequestGuard:
+    return RequestGuard(app, api_key=None, max_request_bytes=1 << 20, retry_after_s=1, max_log_len=None)  # type: ignore[arg-type]
+
+
+def guarded(app: object) -> TestClient:
+    return TestClient(guard_around(app), raise_server_exceptions=False)  # no lifespan: the apps here have none
+
+
 def test_an_error_that_breaks_off_before_its_body_ends_gets_the_guards_500():
     # The guard holds an error's start until its body is whole; if the app fails before, nothing was sent,
     # so the client gets the guard's 500 in the protocol's shape rather than a half answer.
@@ -118,8 +127,49 @@ def test_an_error_that_breaks_off_before_its_body_ends_gets_the_guards_500():
         await send({"type": "http.response.body", "body": b'{"error": ', "more_body": True})  # type: ignore[operator]
         raise RuntimeError("broke off")
 
-    guard = RequestGuard(broken_error, api_key=None, max_request_bytes=1 << 20, retry_after_s=1, max_log_len=None)
-    test_client = TestClient(guard, raise_server_exceptions=False)  # no lifespan: the app has none
-    answer = test_client.post("/openai/v1/completions", json={}, headers={"x-request-id": "broke-1"})
+    answer = guarded(broken_error).post("/openai/v1/completions", json={}, headers={"x-request-id": "broke-1"})
     assert answer.status_code == 500 and answer.json()["request_id"] == "broke-1", answer.text
     assert answer.json()["error"]["message"].startswith("internal server error")
+
+
+def test_an_error_body_left_as_it_was_keeps_its_start():
+    # A HEAD answer has an empty body, and one with its own request id needs none: the start, Content-Length
+    # included, goes out as the app made it.
+    async def error_with_id(scope: dict[str, object], receive: object, send: object) -> None:
+        body = b"" if scope["method"] == "HEAD" else b'{"error": "gone", "request_id": "theirs"}'
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"41")]
+        await send({"type": "http.response.start", "status": 404, "headers": headers})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": body})  # type: ignore[operator]
+
+    client = guarded(error_with_id)
+    head = client.head("/openai/v1/models/gone")
+    assert head.status_code == 404 and head.headers["content-length"] == "41" and head.content == b""
+    get = client.get("/openai/v1/models/gone")
+    assert get.json() == {"error": "gone", "request_id": "theirs"} and get.headers["content-length"] == "41"
+
+
+def test_an_app_that_fails_after_its_error_is_whole_gets_no_second_answer():
+    async def error_then_bug(scope: dict[str, object], receive: object, send: object) -> None:
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 400, "headers": headers})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b'{"error": "bad"}'})  # type: ignore[operator]
+        raise RuntimeError("after the answer")
+
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    guard = RequestGuard(error_then_bug, api_key=None, max_request_bytes=1 << 20, retry_after_s=1, max_log_len=None)  # type: ignore[arg-type]
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/openai/v1/completions",
+        "headers": [(b"x-request-id", b"late-1")],
+    }
+    asyncio.run(guard(scope, receive, send))
+    assert [m.get("status") for m in sent] == [400, None], sent  # the 400 with its id, no 500 after it
+    assert json.loads(sent[1]["body"]) == {"error": "bad", "request_id": "late-1"}  # type: ignore[arg-type]
