@@ -40,7 +40,7 @@ def quantiles(values: list[float]) -> dict[str, float]:
     return {f"p{q}": ordered[int(q / 100 * (len(ordered) - 1))] for q in (10, 50, 90)}
 
 
-def layer_costs(records: list[dict[str, list[Any]]]) -> dict[str, dict[str, float]]:
+def layer_costs(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """µs from each layer's entry to the next one's, by layer, over the records that reached vLLM's app;
     "whole stack", first layer to vLLM's app; and the layers' `send` wrappers, per message and per request."""
     reached = [record for record in records if record["entries"] and record["entries"][-1][0] == VLLM_APP]
@@ -53,8 +53,8 @@ def layer_costs(records: list[dict[str, list[Any]]]) -> dict[str, dict[str, floa
         passes = [1e6 * (out - sent) for sent, out in zip(record["sent_in"], record["sent_out"], strict=False)]
         costs.setdefault(SEND_PER_MESSAGE, []).extend(passes)
         costs.setdefault(SEND_PER_REQUEST, []).append(sum(passes))
-        if record.get("returned") and record["sent_out"]:
-            costs.setdefault(AFTER_LAST_MESSAGE, []).append(1e6 * (record["returned"][0] - record["sent_out"][-1]))
+        if "returned" in record and record["sent_out"]:
+            costs.setdefault(AFTER_LAST_MESSAGE, []).append(1e6 * (record["returned"] - record["sent_out"][-1]))
     return {name: {**quantiles(values), "samples": len(values)} for name, values in costs.items()}
 
 
@@ -82,7 +82,7 @@ def main() -> None:
     urls = {"ours": f"{ours.url}/openai/v1", "ceiling": f"{ceiling_url}/v1"}
     client: dict[str, list[dict[str, Any]]] = {label: [] for label in urls}
     collections: dict[str, list[dict[str, list[float]]]] = {label: [] for label in urls}
-    records: dict[str, list[dict[str, list[Any]]]] = {label: [] for label in urls}
+    records: dict[str, list[dict[str, Any]]] = {label: [] for label in urls}
     try:
         asyncio.run(wait_for_ceiling(ceiling_url, 30))
         for url in urls.values():  # warm-up, not timed
@@ -90,8 +90,8 @@ def main() -> None:
         for rep in range(options.reps):
             order = list(urls.items()) if rep % 2 == 0 else list(urls.items())[::-1]
             for label, url in order:
-                level = run_level(url, "tiny-llama", options.concurrency, options.requests, options.tokens)
                 fetch_times(ceiling_url)  # clears what came between the turns
+                level = run_level(url, "tiny-llama", options.concurrency, options.requests, options.tokens)
                 client[label].append(asyncio.run(level))
                 turn = fetch_times(ceiling_url)  # this turn's alone
                 records[label] += turn[label]

@@ -2,7 +2,8 @@
 
 Loaded by this folder's sitecustomize when BENCH_LAYER_TIMES is set, beside the ceiling. It times the same
 requests at each boundary on both ways into vLLM's app, in the same process on the same engine:
-- our way: the app BentoML's worker serves (caught as it is handed to uvicorn), each layer of its built
+- our way: the app BentoML's worker serves (caught as it is handed to uvicorn: `stamping_configs`, which
+  sitecustomize applies once uvicorn's config module is imported), each layer of its built
   middleware stack preceded by a stamp, down to vLLM's app;
 - the ceiling: vLLM's app served bare (sitecustomize), one stamp at its door.
 vLLM's app itself gets a stamp as its own middleware stack is entered, so both ways end at the same point.
@@ -13,29 +14,27 @@ GET (JSON), and clears them.
 from __future__ import annotations
 
 import gc
-import importlib.abc
-import importlib.util
 import json
-import sys
 import time
-from types import ModuleType
 from typing import Any
 
 RECORD = "bench_layer_times"  # the scope key of a request's record (Stamp)
 TIMES_PATH = "/bench/layer-times"
 VLLM_APP = "vLLM's app"
-RECORDS: dict[str, list[dict[str, list[Any]]]] = {"ours": [], "ceiling": []}
+RECORDS: dict[str, list[dict[str, Any]]] = {"ours": [], "ceiling": []}
 COLLECTIONS: dict[str, list[float]] = {}  # garbage collections since the last GET, by generation: [count, seconds]
+_collection_started = 0.0
 
 
-def count_collections(phase: str, info: dict[str, Any], started: list[float] = [0.0]) -> None:  # noqa: B006
-    """gc.callbacks entry: each collection's generation and time (the list default keeps the start between calls)."""
+def count_collections(phase: str, info: dict[str, Any]) -> None:
+    """gc.callbacks entry: each collection's generation and time."""
+    global _collection_started
     if phase == "start":
-        started[0] = time.perf_counter()
+        _collection_started = time.perf_counter()
         return
     counted = COLLECTIONS.setdefault(str(info["generation"]), [0, 0.0])
     counted[0] += 1
-    counted[1] += time.perf_counter() - started[0]
+    counted[1] += time.perf_counter() - _collection_started
 
 
 class Stamp:
@@ -66,7 +65,7 @@ class Stamp:
 
         await self.app(scope, receive, timed_send)
         if self.way is not None:
-            record["returned"] = [time.perf_counter()]  # the layers' work after the answer's last message
+            record["returned"] = time.perf_counter()  # the layers' work after the answer's last message
 
 
 def stamp_vllm_app(app: Any) -> None:
@@ -120,28 +119,3 @@ def stamping_configs(config_class: Any) -> None:
         configure(config, app, *args, **kwargs)
 
     config_class.__init__ = stamping_init
-
-
-class StampOnImport(importlib.abc.MetaPathFinder):
-    """Patches uvicorn's Config once `uvicorn.config` is imported, so processes that never import it (BentoML's
-    arbiter, vLLM's engine core) are left alone."""
-
-    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-        if name != "uvicorn.config":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.loader is None:
-            return spec
-        execute = spec.loader.exec_module
-
-        def exec_module(module: ModuleType) -> None:
-            execute(module)
-            stamping_configs(module.Config)
-
-        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
-        return spec
-
-
-def catch_the_workers_app() -> None:
-    sys.meta_path.insert(0, StampOnImport())

@@ -7,7 +7,8 @@ the backend already runs it, engines/generation/vllm_openai.py). What the two po
 answer differs only by the layers in front of vLLM's app, measured in the same process on the same engine.
 
 It waits for `engines.generation.vllm_openai` to be imported (a finder on sys.meta_path, so no other process
-that Python starts under `bentoml serve` imports anything more) and wraps its `build_openai_app`.
+that Python starts under `bentoml serve` imports anything more) and wraps its `build_openai_app`. With
+BENCH_LAYER_TIMES set too, layer_times.py times the layers in front of that app (benchmarks.layer_costs).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import importlib.abc
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -49,12 +51,15 @@ def serving_bare_too(build: Any, port: int) -> Any:
     return build_and_serve
 
 
-class WrapOnImport(importlib.abc.MetaPathFinder):
-    def __init__(self, port: int) -> None:
-        self.port = port
+class PatchOnImport(importlib.abc.MetaPathFinder):
+    """Calls `patch(module)` once the module `name` has been executed, wherever it is imported from; processes
+    that never import it (BentoML's arbiter, vLLM's engine core) are left alone."""
+
+    def __init__(self, name: str, patch: Callable[[ModuleType], None]) -> None:
+        self.name, self.patch = name, patch
 
     def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-        if name != MODULE:
+        if name != self.name:
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)
@@ -64,15 +69,23 @@ class WrapOnImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module: ModuleType) -> None:
             execute(module)
-            module.build_openai_app = serving_bare_too(module.build_openai_app, self.port)  # type: ignore[attr-defined]
+            self.patch(module)
 
         spec.loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
 
 
+def serve_bare_too(module: ModuleType) -> None:
+    port = int(os.environ[PORT_VARIABLE])
+    module.build_openai_app = serving_bare_too(module.build_openai_app, port)  # type: ignore[attr-defined]
+
+
 if os.environ.get(PORT_VARIABLE):
-    sys.meta_path.insert(0, WrapOnImport(int(os.environ[PORT_VARIABLE])))
+    sys.meta_path.insert(0, PatchOnImport(MODULE, serve_bare_too))
     if os.environ.get(LAYER_TIMES_VARIABLE):
         import layer_times
 
-        layer_times.catch_the_workers_app()
+        # BentoML's worker hands its app to uvicorn before vLLM's app is built: stamp its layers then.
+        sys.meta_path.insert(
+            0, PatchOnImport("uvicorn.config", lambda config: layer_times.stamping_configs(config.Config))
+        )
