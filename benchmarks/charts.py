@@ -104,6 +104,38 @@ def lines_chart(out: Path, title: str, panels: list[tuple[Series, str]], *, x_la
         return _save(figure, out)
 
 
+Interval = Mapping[str, Mapping[int, Mapping[str, object]]]  # name -> concurrency -> {"median", "interval"}
+
+
+def interval_chart(out: Path, title: str, panels: list[tuple[Interval, str, float]]) -> Path:
+    """One panel per (ratios, y label, target): each ratio's median by concurrency with its interval as an
+    error bar (none when too few values), and the target as a dashed line."""
+    with plt.rc_context(_STYLE):
+        figure, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.4), squeeze=False)
+        for axis, (ratios, y_label, target) in zip(axes[0], panels, strict=True):
+            for index, (name, by_level) in enumerate(ratios.items()):
+                levels = sorted(by_level)
+                medians = [float(by_level[c]["median"]) for c in levels]  # type: ignore[arg-type]
+                below, above = [], []
+                for c, median in zip(levels, medians, strict=True):
+                    low, high = by_level[c]["interval"] or (median, median)  # type: ignore[misc]
+                    below.append(median - low)
+                    above.append(high - median)
+                shifted = [c * (1.06 ** (index - 1)) for c in levels]  # side by side, not on top of each other
+                axis.errorbar(shifted, medians, yerr=[below, above], marker="o", capsize=3, label=name)
+            axis.axhline(target, linestyle="--", linewidth=1, color="grey", label=f"target {target}x")
+            every = sorted({c for by_level in ratios.values() for c in by_level})
+            axis.set_xscale("log", base=2)
+            axis.set_xticks(every, [str(c) for c in every])
+            axis.minorticks_off()
+            axis.set_xlabel("concurrent clients")
+            axis.set_ylabel(y_label)
+            axis.legend(frameon=False, fontsize=8)
+        figure.suptitle(title, fontsize=10)
+        figure.tight_layout()
+        return _save(figure, out)
+
+
 def _lines(
     axis: plt.Axes, series: Series, y_label: str, *, x_label: str = "concurrent clients", x_log2: bool = True
 ) -> None:

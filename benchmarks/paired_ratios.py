@@ -3,6 +3,7 @@ by pair (each repetition's two runs are seconds apart, so they share the machine
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any
 
@@ -23,6 +24,26 @@ def paired(runs: list[dict[str, Any]], baseline_runs: list[dict[str, Any]], key:
     """runs / baseline for each repetition (on this VM the same server's throughput moves by a factor of 2
     between runs a few seconds apart, so only runs of the same repetition compare closely)."""
     return [run[key] / base[key] for run, base in zip(runs, baseline_runs, strict=True)]
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free confidence interval for the median of `values`: the order statistics
+    x(j) and x(n+1-j), with j the largest rank such that the median lies below x(j) with probability at most
+    (1 - confidence) / 2 (each value is below the median with probability 1/2, so that is a binomial tail).
+    No assumption on the ratios' distribution, and no resampling: the same values always give the same
+    interval. None when there are too few values for that confidence (fewer than 6 at 95%)."""
+    n = len(values)
+    tail = (1 - confidence) / 2
+    below, rank = 0.0, 0  # P(fewer than rank+1 of the n values lie below the median)
+    while rank < n:
+        below += math.comb(n, rank) / 2**n
+        if below > tail:
+            break
+        rank += 1
+    if rank == 0:
+        return None
+    ordered = sorted(values)
+    return ordered[rank - 1], ordered[n - rank]
 
 
 def spread(ratios: list[float]) -> str:

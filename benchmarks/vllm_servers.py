@@ -105,11 +105,12 @@ class ServerCPU:
 OURS_ARGS = {"backend": "vllm", "model_name": "tiny-llama", "disable_log_stats": "true"}
 
 
-def ceiling_env(port: int) -> dict[str, str]:
-    """The environment in which our worker also serves vLLM's app bare on `port` (vllm_ceiling_hook)."""
+def ceiling_env(port: int, serves: str = "vllm-app") -> dict[str, str]:
+    """The environment in which our worker also serves vLLM's app bare on `port` (vllm_ceiling_hook), or with
+    `serves="service"` our whole service app there, on a plain uvicorn server."""
     hook = str(Path(__file__).with_name("vllm_ceiling_hook"))
     path = os.pathsep.join(part for part in (hook, os.environ.get("PYTHONPATH", "")) if part)
-    return {"PYTHONPATH": path, "BENCH_VLLM_CEILING_PORT": str(port)}
+    return {"PYTHONPATH": path, "BENCH_VLLM_CEILING_PORT": str(port), "BENCH_CEILING_SERVES": serves}
 
 
 def start_ours(

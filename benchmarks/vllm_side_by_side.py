@@ -29,7 +29,7 @@ benchmarks/results/.
 
     .venv/bin/python -m benchmarks.vllm_side_by_side [--serve-ours | --ours http://127.0.0.1:3000/openai/v1]
         [--reps 3] [--rounds 2] [--model DIR] [--dtype float32] [--concurrency 1 8 32] [--tokens 64]
-        [--vllm-arg=--enforce-eager ...] [--also-ours engine_nice=5 ...] [--ceiling]
+        [--vllm-arg=--enforce-eager ...] [--also-ours engine_nice=5 ...] [--ceiling [--ceiling-serves service]]
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ import aiohttp
 
 from benchmarks.charts import chart_path, concurrency_chart
 from benchmarks.paired_ratios import RATIO_KEYS, ratio_rows
-from benchmarks.report import print_table, write_results
+from benchmarks.report import print_table, server_code, write_results
 from benchmarks.vllm_servers import (
     OURS_ARGS,
     ServerCPU,
@@ -243,6 +243,13 @@ def main() -> None:
         help="with --serve-ours, our worker also serves vLLM's app bare on a port of its own (same process, same "
         "engine, nothing in front: benchmarks/vllm_ceiling_hook), measured in the same turns as `ceiling`",
     )
+    parser.add_argument(
+        "--ceiling-serves",
+        choices=["vllm-app", "service"],
+        default="vllm-app",
+        help="what the ceiling's port serves: vLLM's app bare, or our whole service app on a plain uvicorn "
+        "server (then ours/ceiling is BentoML's worker server against a plain one, the app being the same)",
+    )
     parser.add_argument("--vllm-url", help="a vLLM server already running (its /v1 base URL) instead of starting one")
     parser.add_argument("--no-vllm", action="store_true", help="measure only --ours")
     parser.add_argument("--vllm-arg", action="append", default=[], help="extra flag for vLLM's server (repeat)")
@@ -269,12 +276,14 @@ def main() -> None:
         parser.error("--ceiling needs --serve-ours")
 
     figures: dict[str, Any] = {"tokens": options.tokens, "concurrency": options.concurrency}
+    figures["server_code"] = server_code()  # runs of the same server code may be pooled (benchmarks.pooled_ratios)
     urls: dict[str, tuple[str, str | None]] = {}
     started: dict[str, Any] = {}  # label -> our servers started here
     if options.serve_ours:
         options.model = options.model or tiny_llama()
         ceiling_port = free_port() if options.ceiling else 0
-        started["ours"] = start_ours(options, {}, env=ceiling_env(ceiling_port) if options.ceiling else None)
+        ceiling = ceiling_env(ceiling_port, options.ceiling_serves) if options.ceiling else None
+        started["ours"] = start_ours(options, {}, env=ceiling)
         figures["ours_server"] = {"model": str(options.model), "args": OURS_ARGS}
         if options.also_ours:
             also = dict(pair.split("=", 1) for pair in options.also_ours)
@@ -297,7 +306,9 @@ def main() -> None:
     for label, ours in started.items():
         urls[label] = (f"{ours.url}/openai/v1", "tiny-llama")
     if options.ceiling:
-        urls["ceiling"] = (f"http://127.0.0.1:{ceiling_port}/v1", "tiny-llama")
+        prefix = "/openai" if options.ceiling_serves == "service" else ""
+        urls["ceiling"] = (f"http://127.0.0.1:{ceiling_port}{prefix}/v1", "tiny-llama")
+        figures["ceiling_serves"] = options.ceiling_serves
     figures["reps"] = options.reps
     try:
         if server is not None:

@@ -2,9 +2,8 @@
 
 Loaded by this folder's sitecustomize when BENCH_LAYER_TIMES is set, beside the ceiling. It times the same
 requests at each boundary on both ways into vLLM's app, in the same process on the same engine:
-- our way: the app BentoML's worker serves (caught as it is handed to uvicorn: `stamping_configs`, which
-  sitecustomize applies once uvicorn's config module is imported), each layer of its built
-  middleware stack preceded by a stamp, down to vLLM's app;
+- our way: the app BentoML's worker serves (caught by sitecustomize's `on_service_app` as it is handed to
+  uvicorn), each layer of its built middleware stack preceded by a stamp, down to vLLM's app;
 - the ceiling: vLLM's app served bare (sitecustomize), one stamp at its door.
 vLLM's app itself gets a stamp as its own middleware stack is entered, so both ways end at the same point.
 GET /bench/layer-times on the ceiling's port answers the records and the garbage collections since the last
@@ -105,17 +104,3 @@ def with_times_route(app: Any) -> Any:
         await stamped(scope, receive, send)
 
     return serve
-
-
-def stamping_configs(config_class: Any) -> None:
-    """Stamp our layers in the first Starlette app handed to uvicorn in this process: BentoML's worker's."""
-    configure = config_class.__init__
-    caught: list[Any] = []
-
-    def stamping_init(config: Any, app: Any, *args: Any, **kwargs: Any) -> None:
-        if not caught and hasattr(app, "build_middleware_stack"):
-            caught.append(app)
-            stamp_our_layers(app)
-        configure(config, app, *args, **kwargs)
-
-    config_class.__init__ = stamping_init

@@ -9,6 +9,9 @@ answer differs only by the layers in front of vLLM's app, measured in the same p
 It waits for `engines.generation.vllm_openai` to be imported (a finder on sys.meta_path, so no other process
 that Python starts under `bentoml serve` imports anything more) and wraps its `build_openai_app`. With
 BENCH_LAYER_TIMES set too, layer_times.py times the layers in front of that app (benchmarks.layer_costs).
+With BENCH_CEILING_SERVES=service, the second server serves our whole service app instead (the one BentoML's
+worker hands to its uvicorn, everything of ours and BentoML's in front of vLLM's app): then the two ports
+differ only by the server around the app, BentoML's worker and its socket against a plain uvicorn.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 
 PORT_VARIABLE = "BENCH_VLLM_CEILING_PORT"
 LAYER_TIMES_VARIABLE = "BENCH_LAYER_TIMES"  # also time each layer's entry (layer_times.py, benchmarks.layer_costs)
+SERVES_VARIABLE = "BENCH_CEILING_SERVES"  # "service": serve our whole service app on the port instead
 MODULE = "engines.generation.vllm_openai"
 
 
@@ -36,7 +40,9 @@ def serving_bare_too(build: Any, port: int) -> Any:
         import uvicorn
 
         app = served = await build(engine, args)
-        if os.environ.get(LAYER_TIMES_VARIABLE):
+        if os.environ.get(SERVES_VARIABLE) == "service":
+            served = SERVICE_APPS[0]  # handed to uvicorn before vLLM's app is built
+        elif os.environ.get(LAYER_TIMES_VARIABLE):
             import layer_times
 
             layer_times.stamp_vllm_app(app)
@@ -75,6 +81,23 @@ class PatchOnImport(importlib.abc.MetaPathFinder):
         return spec
 
 
+SERVICE_APPS: list[Any] = []  # the Starlette app BentoML's worker serves, once caught
+
+
+def on_service_app(config_class: Any, uses: list[Callable[[Any], None]]) -> None:
+    """Hand the first Starlette app given to uvicorn in this process (BentoML's worker's) to each of `uses`."""
+    configure = config_class.__init__
+
+    def catching_init(config: Any, app: Any, *args: Any, **kwargs: Any) -> None:
+        if not SERVICE_APPS and hasattr(app, "build_middleware_stack"):
+            SERVICE_APPS.append(app)
+            for use in uses:
+                use(app)
+        configure(config, app, *args, **kwargs)
+
+    config_class.__init__ = catching_init
+
+
 def serve_bare_too(module: ModuleType) -> None:
     port = int(os.environ[PORT_VARIABLE])
     module.build_openai_app = serving_bare_too(module.build_openai_app, port)  # type: ignore[attr-defined]
@@ -82,10 +105,9 @@ def serve_bare_too(module: ModuleType) -> None:
 
 if os.environ.get(PORT_VARIABLE):
     sys.meta_path.insert(0, PatchOnImport(MODULE, serve_bare_too))
-    if os.environ.get(LAYER_TIMES_VARIABLE):
+    uses: list[Callable[[Any], None]] = []
+    if os.environ.get(LAYER_TIMES_VARIABLE) and os.environ.get(SERVES_VARIABLE) != "service":
         import layer_times
 
-        # BentoML's worker hands its app to uvicorn before vLLM's app is built: stamp its layers then.
-        sys.meta_path.insert(
-            0, PatchOnImport("uvicorn.config", lambda config: layer_times.stamping_configs(config.Config))
-        )
+        uses.append(layer_times.stamp_our_layers)  # BentoML's worker hands its app to uvicorn before vLLM's is built
+    sys.meta_path.insert(0, PatchOnImport("uvicorn.config", lambda config: on_service_app(config.Config, uses)))

@@ -1,0 +1,123 @@
+"""The side-by-side target judged on the pairs of several runs of the same server code.
+
+One run of benchmarks.vllm_side_by_side pairs ours with vLLM's server `--reps` times per concurrency (each
+pair's two turns are seconds apart). At c=32 on this 2-core VM the paired TTFT ratios of one run spread by
+±10% around their median (quartiles), so with 12 pairs that median moves between runs of the same code by as
+much as the target's margin: three runs of one commit gave 1.11x, 0.97x and 1.05x. One run cannot say on
+which side of 1.1x the server is. Pooling the pairs of every run of the same server code can: this prints
+each ratio's median over all pairs with a distribution-free confidence interval (`median_interval`), and the
+issue's target (at least 0.95x vLLM's output tokens/s, TTFT p50 at most 1.1x) on the median and on the
+interval's far end. Prints a table, writes JSON and draws the medians with their intervals.
+
+    .venv/bin/python -m benchmarks.pooled_ratios [FILE ...] [--confidence 0.95]
+
+Without files it takes every vllm_side_by_side result in benchmarks/results/ whose server code (the last
+commit outside benchmarks/, tests/, docs/ and *.md, recorded by the run) is the checkout's, and was not
+changed in the working tree. Files given by name are pooled as they are, and their code versions listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from benchmarks.charts import chart_path, interval_chart
+from benchmarks.paired_ratios import median_interval
+from benchmarks.report import RESULTS_DIR, print_table, server_code, write_results
+
+PAIRS = (("ours", "vllm"), ("ours", "ceiling"), ("ceiling", "vllm"))
+KEYS = ("output_tokens_per_s", "ttft_p50_ms", "headers_p50_ms", "api_cpu_us_per_token")
+TARGET_TOKENS, TARGET_TTFT = 0.95, 1.1
+
+
+def same_code_runs(results: Path) -> list[Path]:
+    """The side-by-side results of the checkout's server code, run on an unchanged tree."""
+    code = server_code()
+    chosen = []
+    for path in sorted(results.glob("vllm_side_by_side-*.json")):
+        recorded = json.loads(path.read_text()).get("server_code") or {}
+        if code["commit"] and recorded.get("commit") == code["commit"] and recorded.get("changed") is False:
+            chosen.append(path)
+    return chosen
+
+
+def pool(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """Every run's pairs, by `label_over_baseline`, concurrency and figure."""
+    pooled: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for run in runs:
+        for label, baseline in PAIRS:
+            for concurrency, ratios in run.get(f"{label}_over_{baseline}_paired", {}).items():
+                level = pooled.setdefault(f"{label}/{baseline}", {}).setdefault(concurrency, {})
+                for key in KEYS:
+                    level.setdefault(key, []).extend(ratios[key])
+    return pooled
+
+
+def summary(ratios: list[float], confidence: float) -> dict[str, Any]:
+    interval = median_interval(ratios, confidence)
+    return {"pairs": len(ratios), "median": statistics.median(ratios), "interval": interval}
+
+
+def verdict(tokens: dict[str, Any], ttft: dict[str, Any]) -> str:
+    """The target on the medians, then on the interval's far end (tok/s low, TTFT high)."""
+    on_median = tokens["median"] >= TARGET_TOKENS and ttft["median"] <= TARGET_TTFT
+    if not on_median:
+        return "MISSED"
+    if tokens["interval"] is None or ttft["interval"] is None:
+        return "met on the median (too few pairs for an interval)"
+    sure = tokens["interval"][0] >= TARGET_TOKENS and ttft["interval"][1] <= TARGET_TTFT
+    return "met, interval too" if sure else "met on the median, not on the interval"
+
+
+def shown(figure: dict[str, Any]) -> str:
+    low_high = figure["interval"]
+    around = f" ({low_high[0]:.2f}-{low_high[1]:.2f})" if low_high else ""
+    return f"{figure['median']:.2f}x{around}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="*", type=Path, help="vllm_side_by_side results (default: see above)")
+    parser.add_argument("--confidence", type=float, default=0.95)
+    options = parser.parse_args()
+    files = options.files or same_code_runs(RESULTS_DIR)
+    if not files:
+        parser.error(f"no vllm_side_by_side result of this server code ({server_code()}) in {RESULTS_DIR}")
+    runs = [json.loads(path.read_text()) for path in files]
+    for path, run in zip(files, runs, strict=True):
+        code = run.get("server_code") or {}
+        commit = (code.get("commit") or "unknown")[:9] + (" + changes" if code.get("changed") else "")
+        print(f"{path.name}: server code {commit}, {run['reps']} reps, concurrency {run['concurrency']}")
+    figures: dict[str, Any] = {"files": [path.name for path in files], "confidence": options.confidence, "pooled": {}}
+    header = ["pair", "conc.", "pairs", "out tok/s", "TTFT p50", "headers p50", "API CPU/token", "target"]
+    rows = []
+    for name, levels in pool(runs).items():
+        for concurrency in sorted(levels, key=int):
+            figure = {key: summary(values, options.confidence) for key, values in levels[concurrency].items()}
+            figures["pooled"].setdefault(name, {})[concurrency] = figure
+            target = verdict(figure["output_tokens_per_s"], figure["ttft_p50_ms"]) if name == "ours/vllm" else ""
+            pairs = str(figure["ttft_p50_ms"]["pairs"])
+            rows.append([name, concurrency, pairs, *(shown(figure[key]) for key in KEYS), target])
+    print(f"\nby pair, pooled: median ({options.confidence:.0%} interval of the median)")
+    print_table(header, rows)
+    json_path = write_results("pooled_ratios", figures)
+    pooled = figures["pooled"]
+
+    def by_level(key: str) -> dict[str, dict[int, Any]]:
+        return {name: {int(c): figure[key] for c, figure in levels.items()} for name, levels in pooled.items()}
+
+    interval_chart(
+        chart_path(json_path),
+        f"Pooled pairs of {len(files)} side-by-side runs: median and {options.confidence:.0%} interval",
+        [
+            (by_level("output_tokens_per_s"), "output tokens/s, ratio", TARGET_TOKENS),
+            (by_level("ttft_p50_ms"), "TTFT p50, ratio", TARGET_TTFT),
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()
