@@ -45,12 +45,16 @@ def same_code_runs(results: Path) -> list[Path]:
 
 
 def pool(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, list[float]]]]:
-    """Every run's pairs, by `label_over_baseline`, concurrency and figure."""
+    """Every run's pairs, by `label/baseline`, concurrency and figure. A ceiling that served our whole app
+    (`--ceiling-serves service`) is another baseline than vLLM's app bare, and is named apart."""
     pooled: dict[str, dict[str, dict[str, list[float]]]] = {}
     for run in runs:
+        serves = run.get("ceiling_serves", "vllm-app")
+        names = {"ceiling": "ceiling" if serves == "vllm-app" else f"ceiling[{serves}]"}
         for label, baseline in PAIRS:
+            name = f"{names.get(label, label)}/{names.get(baseline, baseline)}"
             for concurrency, ratios in run.get(f"{label}_over_{baseline}_paired", {}).items():
-                level = pooled.setdefault(f"{label}/{baseline}", {}).setdefault(concurrency, {})
+                level = pooled.setdefault(name, {}).setdefault(concurrency, {})
                 for key in KEYS:
                     level.setdefault(key, []).extend(ratios[key])
     return pooled

@@ -61,6 +61,16 @@ def test_pooling_concatenates_every_runs_pairs_per_concurrency() -> None:
     assert "ours/ceiling" not in pooled  # a run without the ceiling adds none of its pairs
 
 
+def test_a_ceiling_that_served_our_whole_app_is_pooled_apart() -> None:
+    bare = run([1.0], [1.0])
+    bare["ours_over_ceiling_paired"] = bare["ours_over_vllm_paired"]
+    whole_app = {**bare, "ceiling_serves": "service"}
+    pooled = pooled_ratios.pool([bare, whole_app])
+    assert pooled["ours/ceiling"]["32"]["ttft_p50_ms"] == [1.0]
+    assert pooled["ours/ceiling[service]"]["32"]["ttft_p50_ms"] == [1.0]
+    assert pooled["ours/vllm"]["32"]["ttft_p50_ms"] == [1.0, 1.0]
+
+
 def test_the_verdict_reads_the_median_then_the_intervals_far_end() -> None:
     def figure(values: list[float]) -> dict:
         return pooled_ratios.summary(values, 0.95)
