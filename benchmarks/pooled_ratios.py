@@ -60,6 +60,23 @@ def pool(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, list[float
     return pooled
 
 
+def pooled_medians(runs: list[dict[str, Any]], concurrency: str) -> dict[str, dict[str, float]]:
+    """Each server's median over every repetition of every run at one concurrency (the ratio of these is the
+    issue's own reading: medians, then their ratio); only runs with vLLM's server in the same turns, and
+    without a ceiling that served our whole app."""
+    values: dict[str, dict[str, list[float]]] = {}
+    for run in runs:
+        if "vllm" not in run["targets"]:
+            continue
+        for label, target in run["targets"].items():
+            if label == "ceiling" and run.get("ceiling_serves", "vllm-app") != "vllm-app":
+                continue
+            for repetition in target["levels"].get(concurrency, {}).get("runs", []):
+                for key in ("output_tokens_per_s", "ttft_p50_ms"):
+                    values.setdefault(label, {}).setdefault(key, []).append(repetition[key])
+    return {label: {key: statistics.median(v) for key, v in figures.items()} for label, figures in values.items()}
+
+
 def summary(ratios: list[float], confidence: float) -> dict[str, Any]:
     interval = median_interval(ratios, confidence)
     return {"pairs": len(ratios), "median": statistics.median(ratios), "interval": interval}
@@ -107,6 +124,17 @@ def main() -> None:
             rows.append([name, concurrency, pairs, *(shown(figure[key]) for key in KEYS), target])
     print(f"\nby pair, pooled: median ({options.confidence:.0%} interval of the median)")
     print_table(header, rows)
+    rows = []
+    for concurrency in sorted(figures["pooled"].get("ours/vllm", {}), key=int):
+        medians = figures.setdefault("pooled_medians", {})[concurrency] = pooled_medians(runs, concurrency)
+        ours, vllm = medians["ours"], medians["vllm"]
+        tokens = ours["output_tokens_per_s"] / vllm["output_tokens_per_s"]
+        ttft = ours["ttft_p50_ms"] / vllm["ttft_p50_ms"]
+        met = "met" if tokens >= TARGET_TOKENS and ttft <= TARGET_TTFT else "MISSED"
+        rows.append([concurrency, f"{vllm['output_tokens_per_s']:.0f}", f"{ours['output_tokens_per_s']:.0f}"])
+        rows[-1] += [f"{vllm['ttft_p50_ms']:.1f}", f"{ours['ttft_p50_ms']:.1f}", f"{tokens:.2f}x, {ttft:.2f}x", met]
+    print("\neach server's median over every repetition, and ours / vLLM of those medians:")
+    print_table(["conc.", "vLLM tok/s", "ours tok/s", "vLLM TTFT p50", "ours TTFT p50", "tok/s, TTFT", "target"], rows)
     json_path = write_results("pooled_ratios", figures)
     pooled = figures["pooled"]
 

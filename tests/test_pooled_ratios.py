@@ -99,3 +99,14 @@ def test_runs_are_chosen_by_the_checkouts_server_code_on_an_unchanged_tree(tmp_p
         (tmp_path / name).write_text(json.dumps(figures))
     chosen = [path.name for path in pooled_ratios.same_code_runs(tmp_path)]
     assert chosen == ["vllm_side_by_side-1.json", "vllm_side_by_side-5.json"]
+
+
+def test_pooled_medians_take_every_repetition_of_runs_with_vllms_server_in_the_same_turns() -> None:
+    def level(*ttfts: float) -> dict:
+        return {"runs": [{"output_tokens_per_s": 100.0, "ttft_p50_ms": ttft} for ttft in ttfts]}
+
+    with_vllm = {"targets": {"ours": {"levels": {"32": level(10, 12)}}, "vllm": {"levels": {"32": level(9, 11)}}}}
+    also = {"targets": {"ours": {"levels": {"32": level(14)}}, "vllm": {"levels": {"32": level(13)}}}}
+    ours_alone = {"targets": {"ours": {"levels": {"32": level(100)}}}, "ceiling_serves": "service"}
+    medians = pooled_ratios.pooled_medians([with_vllm, also, ours_alone], "32")
+    assert medians["ours"]["ttft_p50_ms"] == 12 and medians["vllm"]["ttft_p50_ms"] == 11
