@@ -124,12 +124,7 @@ def interval_chart(out: Path, title: str, panels: list[tuple[Interval, str, floa
                 shifted = [c * (1.06 ** (index - 1)) for c in levels]  # side by side, not on top of each other
                 axis.errorbar(shifted, medians, yerr=[below, above], marker="o", capsize=3, label=name)
             axis.axhline(target, linestyle="--", linewidth=1, color="grey", label=f"target {target}x")
-            every = sorted({c for by_level in ratios.values() for c in by_level})
-            axis.set_xscale("log", base=2)
-            axis.set_xticks(every, [str(c) for c in every])
-            axis.minorticks_off()
-            axis.set_xlabel("concurrent clients")
-            axis.set_ylabel(y_label)
+            _axes_by_level(axis, {c for by_level in ratios.values() for c in by_level}, y_label)
             axis.legend(frameon=False, fontsize=8)
         figure.suptitle(title, fontsize=10)
         figure.tight_layout()
@@ -142,7 +137,14 @@ def _lines(
     for name, points in series.items():
         levels = sorted(points)
         axis.plot(levels, [points[c] for c in levels], marker="o", label=name)
-    every = sorted({c for points in series.values() for c in points})
+    _axes_by_level(axis, {c for points in series.values() for c in points}, y_label, x_label=x_label, x_log2=x_log2)
+
+
+def _axes_by_level(
+    axis: plt.Axes, levels: set[int], y_label: str, *, x_label: str = "concurrent clients", x_log2: bool = True
+) -> None:
+    """An x axis with a tick at each level (e.g. concurrency), on a log2 scale unless told otherwise."""
+    every = sorted(levels)
     if x_log2:
         axis.set_xscale("log", base=2)
     axis.set_xticks(every, [str(c) for c in every])

@@ -25,22 +25,22 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.charts import chart_path, interval_chart
-from benchmarks.paired_ratios import median_interval
+from benchmarks.paired_ratios import TARGET_TOKENS, TARGET_TTFT, median_interval, median_of, meets_target
 from benchmarks.report import RESULTS_DIR, print_table, server_code, write_results
 
 PAIRS = (("ours", "vllm"), ("ours", "ceiling"), ("ceiling", "vllm"))
 KEYS = ("output_tokens_per_s", "ttft_p50_ms", "headers_p50_ms", "api_cpu_us_per_token")
-TARGET_TOKENS, TARGET_TTFT = 0.95, 1.1
 
 
-def same_code_runs(results: Path) -> list[Path]:
-    """The side-by-side results of the checkout's server code, run on an unchanged tree."""
+def same_code_runs(results: Path) -> dict[Path, dict[str, Any]]:
+    """The side-by-side results of the checkout's server code, run on an unchanged tree, read."""
     code = server_code()
-    chosen = []
+    chosen = {}
     for path in sorted(results.glob("vllm_side_by_side-*.json")):
-        recorded = json.loads(path.read_text()).get("server_code") or {}
+        run = json.loads(path.read_text())
+        recorded = run.get("server_code") or {}
         if code["commit"] and recorded.get("commit") == code["commit"] and recorded.get("changed") is False:
-            chosen.append(path)
+            chosen[path] = run
     return chosen
 
 
@@ -60,21 +60,20 @@ def pool(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, list[float
     return pooled
 
 
-def pooled_medians(runs: list[dict[str, Any]], concurrency: str) -> dict[str, dict[str, float]]:
+def pooled_medians(runs: list[dict[str, Any]], concurrency: str) -> dict[str, dict[str, Any]]:
     """Each server's median over every repetition of every run at one concurrency (the ratio of these is the
     issue's own reading: medians, then their ratio); only runs with vLLM's server in the same turns, and
     without a ceiling that served our whole app."""
-    values: dict[str, dict[str, list[float]]] = {}
+    repetitions: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
         if "vllm" not in run["targets"]:
             continue
         for label, target in run["targets"].items():
             if label == "ceiling" and run.get("ceiling_serves", "vllm-app") != "vllm-app":
                 continue
-            for repetition in target["levels"].get(concurrency, {}).get("runs", []):
-                for key in ("output_tokens_per_s", "ttft_p50_ms"):
-                    values.setdefault(label, {}).setdefault(key, []).append(repetition[key])
-    return {label: {key: statistics.median(v) for key, v in figures.items()} for label, figures in values.items()}
+            repetitions.setdefault(label, []).extend(target["levels"].get(concurrency, {}).get("runs", []))
+    medians = {label: median_of(runs) for label, runs in repetitions.items() if runs}
+    return {label: {key: v for key, v in figures.items() if key != "runs"} for label, figures in medians.items()}
 
 
 def summary(ratios: list[float], confidence: float) -> dict[str, Any]:
@@ -84,12 +83,11 @@ def summary(ratios: list[float], confidence: float) -> dict[str, Any]:
 
 def verdict(tokens: dict[str, Any], ttft: dict[str, Any]) -> str:
     """The target on the medians, then on the interval's far end (tok/s low, TTFT high)."""
-    on_median = tokens["median"] >= TARGET_TOKENS and ttft["median"] <= TARGET_TTFT
-    if not on_median:
+    if not meets_target(tokens["median"], ttft["median"]):
         return "MISSED"
     if tokens["interval"] is None or ttft["interval"] is None:
         return "met on the median (too few pairs for an interval)"
-    sure = tokens["interval"][0] >= TARGET_TOKENS and ttft["interval"][1] <= TARGET_TTFT
+    sure = meets_target(tokens["interval"][0], ttft["interval"][1])
     return "met, interval too" if sure else "met on the median, not on the interval"
 
 
@@ -104,11 +102,11 @@ def main() -> None:
     parser.add_argument("files", nargs="*", type=Path, help="vllm_side_by_side results (default: see above)")
     parser.add_argument("--confidence", type=float, default=0.95)
     options = parser.parse_args()
-    files = options.files or same_code_runs(RESULTS_DIR)
-    if not files:
+    chosen = {path: json.loads(path.read_text()) for path in options.files} or same_code_runs(RESULTS_DIR)
+    if not chosen:
         parser.error(f"no vllm_side_by_side result of this server code ({server_code()}) in {RESULTS_DIR}")
-    runs = [json.loads(path.read_text()) for path in files]
-    for path, run in zip(files, runs, strict=True):
+    files, runs = list(chosen), list(chosen.values())
+    for path, run in chosen.items():
         code = run.get("server_code") or {}
         commit = (code.get("commit") or "unknown")[:9] + (" + changes" if code.get("changed") else "")
         print(f"{path.name}: server code {commit}, {run['reps']} reps, concurrency {run['concurrency']}")
@@ -130,7 +128,7 @@ def main() -> None:
         ours, vllm = medians["ours"], medians["vllm"]
         tokens = ours["output_tokens_per_s"] / vllm["output_tokens_per_s"]
         ttft = ours["ttft_p50_ms"] / vllm["ttft_p50_ms"]
-        met = "met" if tokens >= TARGET_TOKENS and ttft <= TARGET_TTFT else "MISSED"
+        met = "met" if meets_target(tokens, ttft) else "MISSED"
         rows.append([concurrency, f"{vllm['output_tokens_per_s']:.0f}", f"{ours['output_tokens_per_s']:.0f}"])
         rows[-1] += [f"{vllm['ttft_p50_ms']:.1f}", f"{ours['ttft_p50_ms']:.1f}", f"{tokens:.2f}x, {ttft:.2f}x", met]
     print("\neach server's median over every repetition, and ours / vLLM of those medians:")

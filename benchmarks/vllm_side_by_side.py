@@ -47,7 +47,7 @@ from typing import Any
 import aiohttp
 
 from benchmarks.charts import chart_path, concurrency_chart
-from benchmarks.paired_ratios import RATIO_KEYS, ratio_rows
+from benchmarks.paired_ratios import median_of, ratio_rows
 from benchmarks.report import print_table, server_code, write_results
 from benchmarks.vllm_servers import (
     OURS_ARGS,
@@ -175,14 +175,6 @@ async def run_level(
 
 # At c=1, rounds x 1 requests is too few for a TTFT median of ~8 ms that moves by a millisecond between runs.
 MIN_REQUESTS = 40
-
-
-def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One level's figures over repetitions: the median of each, with every run kept."""
-    merged: dict[str, Any] = {key: statistics.median(run[key] for run in runs) for key in RATIO_KEYS}
-    merged["requests"] = sum(run["requests"] for run in runs)
-    merged["errors"] = sum(run["errors"] for run in runs)
-    return {**merged, "runs": runs}
 
 
 async def measure(

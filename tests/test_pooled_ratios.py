@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import pooled_ratios
-from benchmarks.paired_ratios import median_interval
+from benchmarks.paired_ratios import RATIO_KEYS, median_interval
 
 
 @pytest.mark.parametrize(
@@ -103,7 +103,8 @@ def test_runs_are_chosen_by_the_checkouts_server_code_on_an_unchanged_tree(tmp_p
 
 def test_pooled_medians_take_every_repetition_of_runs_with_vllms_server_in_the_same_turns() -> None:
     def level(*ttfts: float) -> dict:
-        return {"runs": [{"output_tokens_per_s": 100.0, "ttft_p50_ms": ttft} for ttft in ttfts]}
+        figures = dict.fromkeys(RATIO_KEYS, 1.0) | {"requests": 40, "errors": 0}
+        return {"runs": [figures | {"ttft_p50_ms": ttft} for ttft in ttfts]}
 
     with_vllm = {"targets": {"ours": {"levels": {"32": level(10, 12)}}, "vllm": {"levels": {"32": level(9, 11)}}}}
     also = {"targets": {"ours": {"levels": {"32": level(14)}}, "vllm": {"levels": {"32": level(13)}}}}

@@ -163,7 +163,7 @@ def test_an_app_that_fails_after_its_error_is_whole_gets_no_second_answer():
     async def send(message: dict[str, object]) -> None:
         sent.append(message)
 
-    guard = RequestGuard(error_then_bug, api_key=None, max_request_bytes=1 << 20, retry_after_s=1, max_log_len=None)  # type: ignore[arg-type]
+    guard = guard_around(error_then_bug)
     scope = {
         "type": "http",
         "method": "POST",
