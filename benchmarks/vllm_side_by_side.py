@@ -322,6 +322,8 @@ def main() -> None:
         for ours in started.values():
             ours.stop()
     figures["targets"] = targets
+    if server_code() != figures["server_code"]:  # changed while it ran: not one server code, never pooled
+        figures["server_code"]["changed"] = True
 
     header = ["server", "conc.", "requests", "out tok/s", "TTFT p50 ms", "headers p50 ms", "TTFT p99 ms"]
     header += ["TPOT p50 ms", "TPOT p99 ms"]

@@ -110,4 +110,5 @@ if os.environ.get(PORT_VARIABLE):
         import layer_times
 
         uses.append(layer_times.stamp_our_layers)  # BentoML's worker hands its app to uvicorn before vLLM's is built
-    sys.meta_path.insert(0, PatchOnImport("uvicorn.config", lambda config: on_service_app(config.Config, uses)))
+    if uses or os.environ.get(SERVES_VARIABLE) == "service":
+        sys.meta_path.insert(0, PatchOnImport("uvicorn.config", lambda config: on_service_app(config.Config, uses)))
